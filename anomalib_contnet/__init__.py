@@ -1,0 +1,1 @@
+"""anomalib-contnet."""

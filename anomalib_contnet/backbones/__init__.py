@@ -1,0 +1,21 @@
+"""Backbones: a ConTNet implementation that loads the published checkpoints, and its weight management."""
+
+from anomalib_contnet.backbones.contnet import (
+    CONTNET_CFGS,
+    STAGE_NAMES,
+    ConTNet,
+    ConTNetConfig,
+    checkpoint_filter_fn,
+    create_contnet,
+    list_contnet_variants,
+)
+
+__all__ = [
+    "CONTNET_CFGS",
+    "STAGE_NAMES",
+    "ConTNet",
+    "ConTNetConfig",
+    "checkpoint_filter_fn",
+    "create_contnet",
+    "list_contnet_variants",
+]

@@ -1,0 +1,545 @@
+"""ConTNet: convolution + patch-wise transformer backbone (Yan et al. 2021, arXiv 2104.13497).
+
+A clean-room implementation written from the published architecture facts (see
+``shared/contnet/SPEC.md`` in the project history). Parameter names, shapes and
+their order equal the authors' released checkpoints, so those files load with
+strict key matching and give the published features.
+
+Layout follows timm's habits: every variant is one row of :data:`CONTNET_CFGS`,
+:func:`create_contnet` is the single place that builds a model, and
+:func:`checkpoint_filter_fn` adapts the checkpoint spellings seen in the wild.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+__all__ = [
+    "CONTNET_CFGS",
+    "STAGE_NAMES",
+    "ConTBlock",
+    "ConTNet",
+    "ConTNetConfig",
+    "PatchwiseTransformerEncoder",
+    "checkpoint_filter_fn",
+    "create_contnet",
+    "list_contnet_variants",
+]
+
+STAGE_NAMES: tuple[str, ...] = ("layer0", "layer1", "layer2", "layer3", "layer4")
+"""Names of the stages whose outputs can be requested, in execution order."""
+
+INPUT_SIDE_MULTIPLE = 224
+"""Every transformer cuts its map into whole patches; with all five stages that needs sides in multiples of 224."""
+
+STAGE_PATCH_SIZES: tuple[tuple[int, int], ...] = ((7, 14), (7, 14), (7, 14), (7, 7))
+"""Patch sizes of the two encoders (``ste1``, ``ste2``) in every block of stages 1..4."""
+
+
+@dataclass(frozen=True)
+class ConTNetConfig:
+    """Architecture hyper-parameters of one ConTNet variant.
+
+    Field names follow the authors' constructor so that a config dict saved by
+    their code (for example the golden test file) can be passed as ``ConTNetConfig(**cfg)``.
+    """
+
+    inplanes: int
+    layers: tuple[int, ...]
+    mlp_dim: tuple[int, ...]
+    head_num: tuple[int, ...]
+    dropout: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    last_dropout: float = 0.0
+    num_classes: int = 1000
+    avg_down: bool = False
+
+    def __post_init__(self) -> None:
+        """Normalise lists to tuples and reject configs the architecture cannot build."""
+        for name in ("layers", "mlp_dim", "head_num", "dropout"):
+            value = tuple(getattr(self, name))
+            if len(value) != 4:
+                msg = f"ConTNetConfig.{name} needs one value per stage (4), got {value!r}"
+                raise ValueError(msg)
+            object.__setattr__(self, name, value)
+        for stage, heads in enumerate(self.head_num):
+            width = self.inplanes * 2**stage
+            if width % heads or width % 2:
+                msg = (
+                    f"stage {stage + 1} width {width} must be even and divisible by its {heads} heads; "
+                    f"choose another inplanes ({self.inplanes})"
+                )
+                raise ValueError(msg)
+        if any(n < 1 for n in self.layers):
+            msg = f"every stage needs at least one block, got layers={self.layers}"
+            raise ValueError(msg)
+
+
+CONTNET_CFGS: dict[str, ConTNetConfig] = {
+    "contnet_ti": ConTNetConfig(
+        inplanes=48, layers=(1, 1, 1, 1), mlp_dim=(196, 392, 768, 768), head_num=(1, 2, 4, 8)
+    ),
+    "contnet_s": ConTNetConfig(
+        inplanes=64, layers=(1, 1, 1, 1), mlp_dim=(256, 512, 1024, 1024), head_num=(1, 2, 4, 8)
+    ),
+    "contnet_m": ConTNetConfig(
+        inplanes=64, layers=(2, 2, 2, 2), mlp_dim=(256, 512, 1024, 1024), head_num=(1, 2, 4, 8)
+    ),
+    "contnet_b": ConTNetConfig(
+        inplanes=64,
+        layers=(3, 4, 6, 3),
+        mlp_dim=(256, 512, 1024, 1024),
+        head_num=(1, 2, 4, 8),
+        dropout=(0.0, 0.0, 0.1, 0.1),
+        last_dropout=0.2,
+    ),
+}
+"""The four published variants, as in the ConTNet paper and code."""
+
+
+def list_contnet_variants() -> list[str]:
+    """Return the names accepted by :func:`create_contnet`."""
+    return sorted(CONTNET_CFGS)
+
+
+class ConvUnit(nn.Module):
+    """A bias-free convolution kept under the attribute ``conv``.
+
+    The authors wrap every convolution in a module of this shape, which is why
+    the checkpoint keys read ``layer0.conv.conv.weight`` and ``out_conv.conv.weight``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the convolution."""
+        return self.conv(x)
+
+
+class AvgDownShortcut(nn.Module):
+    """Shortcut of the ``avg_down`` option in down-sampling blocks: average pooling, then a 1x1 convolution.
+
+    Pooling before the projection keeps every input pixel in the shortcut,
+    where a strided 1x1 convolution would drop three of every four.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+        self.conv = ConvUnit(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool, then project."""
+        return self.conv(self.pool(x))
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Standard multi-head self-attention; heads are contiguous channel chunks of a fused ``qkv`` projection."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Attend within each sequence of ``tokens`` (shape N, L, C)."""
+        batch, length, dim = tokens.shape
+        qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=self.dropout if self.training else 0.0
+        )  # default scale is head_dim ** -0.5, as in ConTNet
+        return self.proj(attended.transpose(1, 2).reshape(batch, length, dim))
+
+
+class FeedForward(nn.Module):
+    """Two-layer MLP with exact (erf) GELU."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Expand, activate, project back."""
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(tokens)))))
+
+
+class PatchwiseTransformerEncoder(nn.Module):
+    """Post-norm transformer layer applied independently inside non-overlapping ``patch_size`` patches.
+
+    Attention never crosses patch borders: each PxP patch of the feature map is
+    one sequence of P*P tokens. A separable learned position encoding (rows on
+    the first half of the channels, columns on the second) is added first.
+    """
+
+    def __init__(self, dim: int, patch_size: int, num_heads: int, mlp_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        half = dim // 2
+        self.pe = nn.ParameterList(
+            [nn.Parameter(torch.zeros(1, patch_size, 1, half)), nn.Parameter(torch.zeros(1, 1, patch_size, half))]
+        )
+        self.attn = MultiHeadSelfAttention(dim, num_heads, dropout)
+        self.mlp = FeedForward(dim, mlp_dim, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        nn.init.trunc_normal_(self.pe[0], std=0.02)
+        nn.init.trunc_normal_(self.pe[1], std=0.02)
+
+    def position_encoding(self) -> torch.Tensor:
+        """Full (1, P, P, C) encoding built from the row and column halves."""
+        rows, cols = self.pe[0], self.pe[1]
+        size = self.patch_size
+        return torch.cat((rows.expand(1, size, size, -1), cols.expand(1, size, size, -1)), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the encoder on every patch of ``x`` (B, C, H, W) and fold the result back."""
+        batch, channels, height, width = x.shape
+        size = self.patch_size
+        rows, cols = height // size, width // size
+        patches = (
+            x.reshape(batch, channels, rows, size, cols, size)
+            .permute(0, 2, 4, 3, 5, 1)
+            .reshape(batch * rows * cols, size, size, channels)
+        )
+        tokens = (patches + self.position_encoding()).reshape(batch * rows * cols, size * size, channels)
+        tokens = self.norm1(tokens + self.drop(self.attn(tokens)))
+        tokens = self.norm2(tokens + self.mlp(tokens))
+        return (
+            tokens.reshape(batch, rows, cols, size, size, channels)
+            .permute(0, 5, 1, 3, 2, 4)
+            .reshape(batch, channels, height, width)
+        )
+
+
+class ConTBlock(nn.Module):
+    """One ConT block: BN-ReLU, two patch-wise encoders, a convolution, and a residual shortcut.
+
+    The last block of a stage doubles the width (and halves the resolution in
+    stages 1-3); its shortcut is then a projection of the pre-activated input.
+    """
+
+    def __init__(
+        self,
+        planes: int,
+        mlp_dim: int,
+        num_heads: int,
+        patch_sizes: tuple[int, int],
+        *,
+        expand: bool,
+        stride: int,
+        dropout: float = 0.0,
+        final_dropout: float = 0.0,
+        avg_down: bool = False,
+    ) -> None:
+        super().__init__()
+        out_planes = 2 * planes if expand else planes
+        # Registration order fixes the state_dict key order: downsample, bn, ste1, ste2, out_conv.
+        if expand:
+            self.downsample: nn.Module | None = (
+                AvgDownShortcut(planes, out_planes, stride)
+                if avg_down and stride > 1
+                else ConvUnit(planes, out_planes, kernel_size=1, stride=stride, padding=0)
+            )
+        else:
+            self.downsample = None
+        self.bn = nn.BatchNorm2d(planes)
+        self.ste1 = PatchwiseTransformerEncoder(planes, patch_sizes[0], num_heads, mlp_dim, dropout)
+        self.ste2 = PatchwiseTransformerEncoder(planes, patch_sizes[1], num_heads, mlp_dim, dropout)
+        if not expand:
+            self.out_conv = ConvUnit(planes, out_planes, kernel_size=3, stride=1, padding=1)
+        elif stride > 1:
+            self.out_conv = ConvUnit(planes, out_planes, kernel_size=3, stride=stride, padding=1)
+        else:
+            self.out_conv = ConvUnit(planes, out_planes, kernel_size=1, stride=1, padding=0)
+        self.final_drop = nn.Dropout(final_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block."""
+        activated = F.relu(self.bn(x))
+        shortcut = x if self.downsample is None else self.downsample(activated)
+        out = self.out_conv(self.ste2(self.ste1(activated)))
+        return self.final_drop(out + shortcut)
+
+
+class Stem(nn.Module):
+    """7x7 stride-2 convolution then 3x3 stride-2 max pooling; no normalisation or activation."""
+
+    def __init__(self, out_channels: int) -> None:
+        super().__init__()
+        self.conv = ConvUnit(3, out_channels, kernel_size=7, stride=2, padding=3)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reduce the image to a quarter of its size."""
+        return self.maxpool(self.conv(x))
+
+
+class ConTStage(nn.Sequential):
+    """A stage: blocks named ``ConTBlock0``, ``ConTBlock1``, ... as in the published checkpoints."""
+
+    def __init__(self, blocks: Iterable[ConTBlock]) -> None:
+        super().__init__()
+        for index, block in enumerate(blocks):
+            self.add_module(f"ConTBlock{index}", block)
+
+
+class ConTNet(nn.Module):
+    """The ConTNet classifier, with access to intermediate stages.
+
+    Args:
+        config: architecture of the variant (see :data:`CONTNET_CFGS`).
+
+    Use :meth:`forward_stages` to get the maps of chosen stages: it stops after
+    the deepest stage requested, so asking for ``layer3`` never runs ``layer4``.
+    """
+
+    def __init__(self, config: ConTNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layer0 = Stem(config.inplanes)
+        for stage in range(4):
+            planes = config.inplanes * 2**stage
+            stride = 2 if stage < 3 else 1
+            blocks = [
+                ConTBlock(
+                    planes,
+                    config.mlp_dim[stage],
+                    config.head_num[stage],
+                    STAGE_PATCH_SIZES[stage],
+                    expand=index == config.layers[stage] - 1,
+                    stride=stride,
+                    dropout=config.dropout[stage],
+                    final_dropout=config.last_dropout if stage == 3 and index == config.layers[stage] - 1 else 0.0,
+                    avg_down=config.avg_down,
+                )
+                for index in range(config.layers[stage])
+            ]
+            self.add_module(f"layer{stage + 1}", ConTStage(blocks))
+        self.num_features = config.inplanes * 2**4
+        self.fc: nn.Module = nn.Linear(self.num_features, config.num_classes) if config.num_classes else nn.Identity()
+        self._init_weights()
+
+    @property
+    def stage_channels(self) -> dict[str, int]:
+        """Output channels of each stage."""
+        widths = {"layer0": self.config.inplanes}
+        widths.update({f"layer{i + 1}": self.config.inplanes * 2 ** (i + 1) for i in range(4)})
+        return widths
+
+    @staticmethod
+    def stage_strides() -> dict[str, int]:
+        """Output stride of each stage relative to the input image."""
+        return {"layer0": 4, "layer1": 8, "layer2": 16, "layer3": 32, "layer4": 32}
+
+    def _init_weights(self) -> None:
+        """Initialise like the authors: Kaiming for convolutions, truncated normal for linear layers."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    @staticmethod
+    def check_input_size(height: int, width: int) -> None:
+        """Raise a clear error for sizes the patch-wise encoders cannot split into whole patches."""
+        if height % INPUT_SIDE_MULTIPLE or width % INPUT_SIDE_MULTIPLE or height <= 0 or width <= 0:
+            valid = ", ".join(str(INPUT_SIDE_MULTIPLE * k) for k in range(1, 5))
+            msg = (
+                f"ConTNet needs image sides that are multiples of {INPUT_SIDE_MULTIPLE} "
+                f"(valid sizes: {valid}, ...); got {height}x{width}. Resize the input first "
+                f"(anomalib's PreProcessor does this when image_size is set to a valid size)."
+            )
+            raise ValueError(msg)
+
+    def forward_stages(self, x: torch.Tensor, stages: Iterable[str] = STAGE_NAMES) -> dict[str, torch.Tensor]:
+        """Return the outputs of ``stages`` (names from :data:`STAGE_NAMES`), computing nothing past the last one."""
+        wanted = set(stages)
+        unknown = wanted.difference(STAGE_NAMES)
+        if unknown or not wanted:
+            msg = f"unknown or empty stage selection {sorted(unknown) or '[]'}; choose from {list(STAGE_NAMES)}"
+            raise ValueError(msg)
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        last = max(STAGE_NAMES.index(name) for name in wanted)
+        outputs: dict[str, torch.Tensor] = {}
+        for name in STAGE_NAMES[: last + 1]:
+            x = getattr(self, name)(x)
+            if name in wanted:
+                outputs[name] = x
+        return outputs
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Global average pooling then the classifier (identity when built without classes)."""
+        return self.fc(features.mean(dim=(-2, -1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Classify ``x`` (B, 3, H, W), H and W multiples of 224."""
+        return self.forward_head(self.forward_stages(x, ("layer4",))["layer4"])
+
+    def parameter_count(self) -> int:
+        """Number of parameters (buffers excluded)."""
+        return sum(parameter.numel() for parameter in self.parameters())
+
+
+PLAIN_SHORTCUT_KEY = "downsample.conv.weight"
+AVG_DOWN_SHORTCUT_KEY = "downsample.conv.conv.weight"
+
+
+def _match_shortcut_spelling(state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Rename shortcut keys to the spelling ``expected`` uses (plain ``downsample.conv`` or avg-down).
+
+    Both layouts hold the same 1x1 projection weight; only the module path differs
+    (and only in the stride-2 blocks). A key is renamed only when the model knows
+    the other spelling and not this one, so nothing else can be renamed by accident.
+    """
+    expected_keys = set(expected)
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key not in expected_keys:
+            alternative = None
+            if key.endswith(AVG_DOWN_SHORTCUT_KEY):
+                alternative = key.removesuffix(AVG_DOWN_SHORTCUT_KEY) + PLAIN_SHORTCUT_KEY
+            elif key.endswith(PLAIN_SHORTCUT_KEY):
+                alternative = key.removesuffix(PLAIN_SHORTCUT_KEY) + AVG_DOWN_SHORTCUT_KEY
+            if alternative in expected_keys:
+                key = alternative
+        renamed[key] = value
+    return renamed
+
+
+def unwrap_checkpoint(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """Extract a state_dict from the checkpoint forms seen in the wild.
+
+    Accepts a bare state_dict, one nested under ``model`` or ``state_dict`` (the
+    authors' training script saves ``{"model": ..., "optimizer": ...}``), and
+    strips the ``module.`` prefix left by DistributedDataParallel.
+    """
+    if isinstance(checkpoint, Mapping):
+        for container in ("model", "state_dict"):
+            inner = checkpoint.get(container)
+            if isinstance(inner, Mapping):
+                checkpoint = inner
+                break
+    if not isinstance(checkpoint, Mapping) or not checkpoint:
+        msg = "not a ConTNet checkpoint: expected a state_dict (a mapping of parameter names to tensors)"
+        raise TypeError(msg)
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, value in checkpoint.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            msg = f"not a ConTNet checkpoint: entry {key!r} is a {type(value).__name__}, expected a tensor"
+            raise TypeError(msg)
+        state_dict[key.removeprefix("module.")] = value
+    return state_dict
+
+
+def checkpoint_filter_fn(checkpoint: Any, model: ConTNet) -> dict[str, torch.Tensor]:
+    """Adapt a published checkpoint to ``model``: unwrap, fix shortcut spelling, drop an unused head."""
+    state_dict = _match_shortcut_spelling(unwrap_checkpoint(checkpoint), model.state_dict().keys())
+    if not model.config.num_classes:
+        state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
+    return state_dict
+
+
+@dataclass
+class StateDictMismatch:
+    """Differences between a checkpoint and a model, for error messages."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    wrong_shape: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        """True when anything differs."""
+        return bool(self.missing or self.unexpected or self.wrong_shape)
+
+    def describe(self, shown: int = 5) -> str:
+        """Human-readable summary with counts and the first ``shown`` keys of each kind."""
+        parts = []
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("wrong shape", self.wrong_shape)):
+            if keys:
+                more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+                parts.append(f"{len(keys)} {label}: {', '.join(keys[:shown])}{more}")
+        return "; ".join(parts)
+
+
+def compare_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> StateDictMismatch:
+    """List missing, unexpected and wrong-shape keys of ``state_dict`` against ``model``."""
+    expected = model.state_dict()
+    mismatch = StateDictMismatch(
+        missing=[key for key in expected if key not in state_dict],
+        unexpected=[key for key in state_dict if key not in expected],
+    )
+    mismatch.wrong_shape = [
+        f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state_dict and state_dict[key].shape != value.shape
+    ]
+    return mismatch
+
+
+def create_contnet(
+    name: str,
+    pretrained: bool = False,
+    weights: str | None = None,
+    *,
+    avg_down: bool = False,
+    num_classes: int = 1000,
+    **overrides: Any,
+) -> ConTNet:
+    """Build a ConTNet variant, optionally with its published ImageNet weights.
+
+    Args:
+        name: one of :func:`list_contnet_variants` (``contnet_ti``, ``contnet_s``, ``contnet_m``, ``contnet_b``).
+        pretrained: load ImageNet weights, found as described in
+            :func:`anomalib_contnet.backbones.weights.resolve_weights`.
+        weights: path or URL of a checkpoint; implies ``pretrained``.
+        avg_down: use the average-pool shortcut (the authors' ``avg_down`` option).
+        num_classes: classifier size; 0 builds the model without ``fc``.
+        **overrides: any other :class:`ConTNetConfig` field (for experiments).
+
+    Raises:
+        ValueError: for an unknown variant name.
+        anomalib_contnet.backbones.weights.WeightsError: when requested weights cannot be found or loaded.
+    """
+    if name not in CONTNET_CFGS:
+        msg = f"unknown ConTNet variant {name!r}; choose one of {list_contnet_variants()}"
+        raise ValueError(msg)
+    config_fields = asdict(CONTNET_CFGS[name]) | overrides | {"avg_down": avg_down, "num_classes": num_classes}
+    model = ConTNet(ConTNetConfig(**config_fields))
+    if pretrained or weights is not None:
+        from anomalib_contnet.backbones.weights import load_pretrained  # noqa: PLC0415  (weights imports this module)
+
+        load_pretrained(model, name, weights)
+    return model
+
+
+def contnet_flops_per_image(model: ConTNet, side: int = INPUT_SIDE_MULTIPLE, stages: Iterable[str] = ("layer4",)) -> int:
+    """Count floating-point operations (2 per multiply-add) of one image through ``stages`` with torch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415  (only benchmarks need it)
+
+    image = torch.zeros(1, 3, side, side)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.forward_stages(image, stages)
+    return int(counter.get_total_flops())
+
+
+def output_shapes(model: ConTNet, side: int) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of every stage for a square input of ``side`` pixels, without running the model."""
+    return {
+        name: (channels, math.ceil(side / model.stage_strides()[name]), math.ceil(side / model.stage_strides()[name]))
+        for name, channels in model.stage_channels.items()
+    }
