@@ -15,6 +15,7 @@ import importlib.machinery
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
 
 WATCHED_MODULE = "anomalib.models"
@@ -45,7 +46,9 @@ class _RegisterAfterLoad(importlib.abc.Loader):
 class _WatchAnomalibModels(importlib.abc.MetaPathFinder):
     """Finds ``anomalib.models`` through the other finders and wraps its loader."""
 
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201 (importlib protocol)
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname != WATCHED_MODULE:
             return None
         sys.meta_path.remove(self)  # one shot: later imports go straight to the normal finders

@@ -1,1 +1,15 @@
-"""anomalib-contnet."""
+"""anomalib-contnet: ConTNet-B + per-patch Gaussians (Dini & Rahtu, VISAPP 2023) as an anomalib plugin.
+
+Importing this package registers ``ConTNetPaDiM`` (and the ``MVTec`` datamodule
+alias) with anomalib; an installed copy does so automatically whenever
+``anomalib.models`` is imported (see ``anomalib_contnet_autoload``).
+"""
+
+from anomalib_contnet.data.mvtec_alias import MVTec
+from anomalib_contnet.models import ConTNetPaDiM, ConTNetPaDiMModel, NotFittedError
+from anomalib_contnet.registration import register
+
+__version__ = "0.1.0"
+__all__ = ["ConTNetPaDiM", "ConTNetPaDiMModel", "MVTec", "NotFittedError", "__version__"]
+
+register()

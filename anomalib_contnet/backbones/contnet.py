@@ -82,15 +82,9 @@ class ConTNetConfig:
 
 
 CONTNET_CFGS: dict[str, ConTNetConfig] = {
-    "contnet_ti": ConTNetConfig(
-        inplanes=48, layers=(1, 1, 1, 1), mlp_dim=(196, 392, 768, 768), head_num=(1, 2, 4, 8)
-    ),
-    "contnet_s": ConTNetConfig(
-        inplanes=64, layers=(1, 1, 1, 1), mlp_dim=(256, 512, 1024, 1024), head_num=(1, 2, 4, 8)
-    ),
-    "contnet_m": ConTNetConfig(
-        inplanes=64, layers=(2, 2, 2, 2), mlp_dim=(256, 512, 1024, 1024), head_num=(1, 2, 4, 8)
-    ),
+    "contnet_ti": ConTNetConfig(inplanes=48, layers=(1, 1, 1, 1), mlp_dim=(196, 392, 768, 768), head_num=(1, 2, 4, 8)),
+    "contnet_s": ConTNetConfig(inplanes=64, layers=(1, 1, 1, 1), mlp_dim=(256, 512, 1024, 1024), head_num=(1, 2, 4, 8)),
+    "contnet_m": ConTNetConfig(inplanes=64, layers=(2, 2, 2, 2), mlp_dim=(256, 512, 1024, 1024), head_num=(1, 2, 4, 8)),
     "contnet_b": ConTNetConfig(
         inplanes=64,
         layers=(3, 4, 6, 3),
@@ -399,7 +393,9 @@ PLAIN_SHORTCUT_KEY = "downsample.conv.weight"
 AVG_DOWN_SHORTCUT_KEY = "downsample.conv.conv.weight"
 
 
-def _match_shortcut_spelling(state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
+def _match_shortcut_spelling(
+    state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]
+) -> dict[str, torch.Tensor]:
     """Rename shortcut keys to the spelling ``expected`` uses (plain ``downsample.conv`` or avg-down).
 
     Both layouts hold the same 1x1 projection weight; only the module path differs
@@ -469,7 +465,11 @@ class StateDictMismatch:
     def describe(self, shown: int = 5) -> str:
         """Human-readable summary with counts and the first ``shown`` keys of each kind."""
         parts = []
-        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("wrong shape", self.wrong_shape)):
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("wrong shape", self.wrong_shape),
+        ):
             if keys:
                 more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:shown])}{more}")
@@ -527,7 +527,9 @@ def create_contnet(
     return model
 
 
-def contnet_flops_per_image(model: ConTNet, side: int = INPUT_SIDE_MULTIPLE, stages: Iterable[str] = ("layer4",)) -> int:
+def contnet_flops_per_image(
+    model: ConTNet, side: int = INPUT_SIDE_MULTIPLE, stages: Iterable[str] = ("layer4",)
+) -> int:
     """Count floating-point operations (2 per multiply-add) of one image through ``stages`` with torch's counter."""
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415  (only benchmarks need it)
 

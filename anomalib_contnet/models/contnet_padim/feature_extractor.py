@@ -1,0 +1,124 @@
+"""Frozen backbones that return the feature maps of chosen stages.
+
+ConTNet variants (``contnet_*``) come from :mod:`anomalib_contnet.backbones`;
+any other name is a timm model, so the same Gaussian pipeline can compare
+backbones. Both are kept in eval mode for good: batch-norm statistics and
+dropout of a pretrained network must not change while Gaussians are fitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torch
+from torch import nn
+
+from anomalib_contnet.backbones import STAGE_NAMES, create_contnet, list_contnet_variants
+
+__all__ = ["FrozenFeatureExtractor", "build_feature_extractor", "is_contnet"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def is_contnet(backbone: str) -> bool:
+    """Whether ``backbone`` names one of this package's ConTNet variants."""
+    return backbone in list_contnet_variants()
+
+
+class FrozenFeatureExtractor(nn.Module):
+    """Base for feature extractors: always in eval mode, features in a dict keyed by layer name.
+
+    Attributes:
+        layers: the requested layer names, in the order their channels are concatenated.
+        out_channels: channels of each requested layer.
+        normalization: (mean, std) the backbone was trained with, for the pre-processor.
+    """
+
+    layers: tuple[str, ...]
+    out_channels: dict[str, int]
+    normalization: tuple[tuple[float, ...], tuple[float, ...]]
+
+    def train(self, mode: bool = True) -> FrozenFeatureExtractor:  # noqa: ARG002 (frozen by design)
+        """Stay in eval mode whatever Lightning asks: the backbone is a fixed, pretrained feature map."""
+        return super().train(False)
+
+
+class ConTNetFeatures(FrozenFeatureExtractor):
+    """Features of chosen ConTNet stages; stages after the deepest requested one are never run."""
+
+    def __init__(self, variant: str, layers: Sequence[str], pre_trained: bool, weights: str | None) -> None:
+        super().__init__()
+        unknown = [layer for layer in layers if layer not in STAGE_NAMES]
+        if unknown:
+            msg = f"unknown ConTNet layer(s) {unknown}; choose from {list(STAGE_NAMES)}"
+            raise ValueError(msg)
+        self.layers = tuple(layers)
+        self.backbone = create_contnet(variant, pretrained=pre_trained, weights=weights, num_classes=0)
+        self.out_channels = {layer: self.backbone.stage_channels[layer] for layer in self.layers}
+        self.normalization = (IMAGENET_MEAN, IMAGENET_STD)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return {layer: (B, C, h, w)} for the requested layers."""
+        return self.backbone.forward_stages(images, self.layers)
+
+
+class TimmFeatures(FrozenFeatureExtractor):
+    """Features of a timm model, selected by the module names timm reports in ``feature_info``.
+
+    ``weights`` is a local checkpoint file for offline use (timm's
+    ``pretrained_cfg_overlay=dict(file=...)``); without it timm downloads from
+    the Hugging Face Hub.
+    """
+
+    def __init__(self, name: str, layers: Sequence[str], pre_trained: bool, weights: str | None) -> None:
+        super().__init__()
+        available = timm.create_model(name, features_only=True, pretrained=False).feature_info.module_name()
+        missing = [layer for layer in layers if layer not in available]
+        if missing:
+            msg = f"timm model {name!r} has no feature layer(s) {missing}; its feature layers are {available}"
+            raise ValueError(msg)
+        self.layers = tuple(layers)
+        overlay = {"file": str(weights)} if weights is not None else None
+        try:
+            self.backbone = timm.create_model(
+                name,
+                features_only=True,
+                exportable=True,
+                pretrained=pre_trained or weights is not None,
+                pretrained_cfg_overlay=overlay,
+                out_indices=tuple(available.index(layer) for layer in layers),
+            )
+        except Exception as error:
+            msg = (
+                f"could not load pretrained weights for timm model {name!r} ({error}). Pass weights=<local file> "
+                "(a timm state_dict), make the Hugging Face Hub reachable, or pass pre_trained=False for untrained "
+                "features."
+            )
+            raise RuntimeError(msg) from error
+        names = self.backbone.feature_info.module_name()
+        self.out_channels = dict(zip(names, self.backbone.feature_info.channels(), strict=True))
+        config = self.backbone.pretrained_cfg
+        self.normalization = (
+            tuple(config.get("mean", IMAGENET_MEAN)),
+            tuple(config.get("std", IMAGENET_STD)),
+        )
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return {layer: (B, C, h, w)} for the requested layers."""
+        return dict(zip(self.backbone.feature_info.module_name(), self.backbone(images), strict=True))
+
+
+def build_feature_extractor(
+    backbone: str, layers: Sequence[str], pre_trained: bool, weights: str | None
+) -> FrozenFeatureExtractor:
+    """The one place that turns a backbone name into a frozen feature extractor."""
+    if not layers:
+        msg = "layers must name at least one backbone stage"
+        raise ValueError(msg)
+    if is_contnet(backbone):
+        return ConTNetFeatures(backbone, layers, pre_trained, weights)
+    return TimmFeatures(backbone, layers, pre_trained, weights)

@@ -1,0 +1,212 @@
+"""ConTNetPaDiM: Dini & Rahtu (VISAPP 2023) as an anomalib model.
+
+"Visual Anomaly Detection and Localization with a Patch-Wise Transformer and
+Convolutional Model": a frozen ImageNet ConTNet-B gives patch features from its
+third and fourth stages; one multivariate Gaussian per patch position is fitted
+on normal images; the Mahalanobis distance of a test patch is its anomaly score,
+upsampled bilinearly and smoothed (sigma 4); the image score is the maximum.
+
+Choices the paper leaves open, and what this implementation does:
+
+- "third and fourth blocks" = ``layer3`` (512 ch) and ``layer4`` (1024 ch); at
+  224 px both are 7x7, giving 1536-dimensional embeddings on a 7x7 grid.
+  ``layers=("layer2", "layer3")`` is the other reading (14x14 grid).
+- The coarser stage is repeated (nearest neighbour) onto the finer grid, PaDiM's way.
+- No dimension reduction by default (the paper names none); ``n_features``
+  offers PaDiM's random channel subset.
+- Covariance regulariser ``epsilon = 0.01`` (PaDiM's value; the paper gives none).
+- Input 224x224 (the paper's); any multiple of 224 via ``image_size``.
+
+Engineering differences from anomalib's Padim: training embeddings are never
+stored (streaming statistics, constant memory), the covariance is factorised for
+all positions at once, and multi-device training (DDP) merges the statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule, MemoryBankMixin
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torch.utils.data import DistributedSampler
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
+from anomalib_contnet.models.contnet_padim.torch_model import ConTNetPaDiMModel
+
+__all__ = ["CHECKPOINT_FORMAT_VERSION", "DEFAULT_IMAGE_SIZE", "ConTNetPaDiM"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_SIZE = (224, 224)
+CHECKPOINT_FORMAT_VERSION = 1
+"""Bumped whenever saved state changes meaning; checkpoints from a newer format are refused on load."""
+FORMAT_KEY = "anomalib_contnet_format_version"
+
+
+class ConTNetPaDiM(MemoryBankMixin, AnomalibModule):
+    """ConTNet patch features + per-position Gaussians (Dini & Rahtu 2023).
+
+    Args:
+        backbone: ``contnet_b`` (the paper's), another ConTNet variant
+            (``contnet_ti``, ``contnet_s``, ``contnet_m``) or any timm model name.
+        layers: backbone stages to combine (see module docstring).
+        pre_trained: use ImageNet weights (ConTNet weights are looked up locally,
+            then downloaded; see ``anomalib-contnet weights --help``). ``False``
+            gives untrained features, useful only for tests.
+        weights: local path or URL of backbone weights; overrides the lookup.
+        n_features: random subset of embedding channels to keep (all by default).
+        feature_seed: seed of that subset.
+        epsilon: covariance regulariser ``εI``.
+        sigma: anomaly-map smoothing in pixels.
+        image_size: input size of the default pre-processor (multiples of 224 for ConTNet).
+        pre_processor, post_processor, evaluator, visualizer: anomalib components,
+            ``True`` for the defaults.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> from anomalib.data import MVTecAD
+        >>> model = ConTNetPaDiM()
+        >>> Engine().train(model=model, datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: str = "contnet_b",
+        layers: Sequence[str] = ("layer3", "layer4"),
+        pre_trained: bool = True,
+        weights: str | None = None,
+        n_features: int | None = None,
+        feature_seed: int = 0,
+        epsilon: float = 0.01,
+        sigma: float = 4.0,
+        image_size: tuple[int, int] | None = None,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        model = ConTNetPaDiMModel(
+            backbone=backbone,
+            layers=tuple(layers),
+            pre_trained=pre_trained,
+            weights=weights,
+            n_features=n_features,
+            feature_seed=feature_seed,
+            epsilon=epsilon,
+            sigma=sigma,
+        )
+        if pre_processor is True:
+            mean, std = model.feature_extractor.normalization
+            pre_processor = self.configure_pre_processor(image_size=image_size, mean=mean, std=std)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model: ConTNetPaDiMModel = model
+        self._train_samples_seen = 0
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> PreProcessor:
+        """Resize to ``image_size`` (224x224 by default, the paper's) and normalise like the backbone's training."""
+        return PreProcessor(
+            transform=Compose(
+                [
+                    Resize(tuple(image_size or DEFAULT_IMAGE_SIZE), antialias=True),
+                    Normalize(mean=list(mean), std=list(std)),
+                ]
+            ),
+        )
+
+    @staticmethod
+    def configure_optimizers() -> None:
+        """Nothing is optimised: the backbone is frozen and the Gaussians are estimated in closed form."""
+        return
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """Anomalib's default post-processor (thresholds and normalisation learned on validation data)."""
+        return PostProcessor()
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """One pass over the training data; devices and strategy are left to the user (DDP is supported)."""
+        return {"max_epochs": 1, "val_check_interval": 1.0, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images only."""
+        return LearningType.ONE_CLASS
+
+    def on_train_epoch_start(self) -> None:
+        """Start counting this process's samples (for the distributed padding mask)."""
+        self._train_samples_seen = 0
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> None:  # noqa: ARG002 (Lightning signature)
+        """Add the batch's patch embeddings to the running Gaussian statistics."""
+        embedding = self.model.extract_embedding(batch.image)
+        keep = self._not_padding(embedding.shape[0])
+        self.model.gaussian.update(embedding if keep is None else embedding[keep])
+
+    def _not_padding(self, batch_size: int) -> torch.Tensor | None:
+        """Mask of the samples that are not DistributedSampler padding, or None when nothing is padded.
+
+        DistributedSampler repeats samples so that every process gets the same
+        number; counted twice they would bias the Gaussian. Padding takes the
+        positions past the dataset length in the interleaved order, where this
+        process's k-th sample sits at position ``rank + k * world_size``.
+        """
+        first = self._train_samples_seen
+        self._train_samples_seen += batch_size
+        trainer = self._trainer
+        loader = trainer.train_dataloader if trainer is not None else None
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            return None
+        dataset_length = len(sampler.dataset)  # type: ignore[arg-type]
+        positions = sampler.rank + sampler.num_replicas * torch.arange(first, first + batch_size)
+        keep = positions < dataset_length
+        return None if bool(keep.all()) else keep.to(self.device)
+
+    def fit(self) -> None:
+        """Turn the statistics of all training batches (of all processes) into the Gaussians."""
+        logger.info("Fitting per-position Gaussians on %d training images.", self.model.gaussian.count)
+        self.model.gaussian.fit()
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ARG002
+        """Predict the validation batch (used by the post-processor to learn thresholds)."""
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the checkpoint format so that a future, incompatible format is refused cleanly."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[FORMAT_KEY] = CHECKPOINT_FORMAT_VERSION
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse checkpoints written by a newer, incompatible anomalib-contnet."""
+        version = checkpoint.get(FORMAT_KEY, CHECKPOINT_FORMAT_VERSION)
+        if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+            msg = (
+                f"this checkpoint was written by a newer anomalib-contnet (format {version!r}; this version reads "
+                f"up to {CHECKPOINT_FORMAT_VERSION}). Upgrade anomalib-contnet: pip install -U anomalib-contnet"
+            )
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
