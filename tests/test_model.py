@@ -49,7 +49,7 @@ def test_random_feature_subset_is_seeded_and_saved() -> None:
     assert not torch.equal(first.feature_index, other.feature_index)
     assert "feature_index" in first.state_dict()
     assert first.extract_embedding(images(1, 2)).shape[1] == 100
-    with pytest.raises(ValueError, match="n_features must be in 1..1152"):
+    with pytest.raises(ValueError, match=r"n_features must be in 1\.\.1152"):
         small_model(n_features=5000)
 
 
