@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from anomalib_contnet.backbones import weights_cli
+from anomalib_contnet.data import cli as data_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anomalib-contnet",
         description="Prepare weights and data for the ConTNetPaDiM anomalib plugin.",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{weights}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{weights,data}")
     weights_cli.register(groups)
+    data_cli.register(groups)
     return parser
 
 

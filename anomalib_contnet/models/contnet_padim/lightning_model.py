@@ -117,6 +117,9 @@ class ConTNetPaDiM(MemoryBankMixin, AnomalibModule):
         )
         self.model: ConTNetPaDiMModel = model
         self._train_samples_seen = 0
+        # Nothing is optimised. Manual optimisation tells Lightning not to expect a loss or run backward,
+        # which also lets distributed strategies (DDP) accept a training step that returns nothing.
+        self.automatic_optimization = False
 
     @classmethod
     def configure_pre_processor(

@@ -1,0 +1,178 @@
+"""Pixel-labelled texture images: real textures with drawn defects whose masks are exact.
+
+The normal images are crops of real photographs of textures that ship with
+scikit-image (brick wall, grass, gravel). Defects are drawn by this module, not
+blended: every pixel inside a defect's mask is pushed by a large, fixed amount in
+every channel (brighter where the texture is dark, darker where it is bright), and
+no pixel outside the mask is touched. The mask is therefore exactly the set of
+altered pixels, so pixel metrics measured on these images mean what they say.
+
+Training crops come from the upper part of each texture photograph and test crops
+from the disjoint lower part, so a test image is never a shifted copy of a training
+image. Every image draws from its own random stream, derived from the seed, the
+category, the split and its index, so the first images of a small set equal those
+of a large one made with the same seed and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+from skimage import data as skimage_data
+
+__all__ = [
+    "DEFECT_TYPES",
+    "TEXTURE_CATEGORIES",
+    "TRAIN_BAND_FRACTION",
+    "draw_defect",
+    "image_rng",
+    "load_texture",
+    "render_defective",
+    "render_normal",
+    "sample_crop",
+    "texture_bands",
+]
+
+TEXTURE_CATEGORIES: tuple[str, ...] = ("brick", "grass", "gravel")
+"""Texture photographs in ``skimage.data`` (512x512 grayscale) used as categories."""
+DEFECT_TYPES: tuple[str, ...] = ("scratch", "stain", "spots")
+"""Defect kinds; each becomes a ``test/<type>`` folder, as MVTec AD has one folder per defect kind."""
+TRAIN_BAND_FRACTION = 0.625
+"""Rows ``[0, 0.625 H)`` of a texture feed training crops, the rest test crops."""
+
+_MIN_SHIFT, _MAX_SHIFT = 70, 127
+"""Every defect pixel moves by at least 70 grey levels per channel: obvious to any detector, and never clipped."""
+
+
+def load_texture(name: str) -> np.ndarray:
+    """Return the texture photograph ``name`` from ``skimage.data`` as a 2-D uint8 array."""
+    if name not in TEXTURE_CATEGORIES:
+        msg = f"unknown texture {name!r}; choose from {list(TEXTURE_CATEGORIES)}"
+        raise ValueError(msg)
+    image = np.asarray(getattr(skimage_data, name)())
+    if image.ndim != 2 or image.dtype != np.uint8:
+        msg = f"skimage.data.{name}() returned {image.shape} {image.dtype}; expected a 2-D uint8 texture"
+        raise ValueError(msg)
+    return image
+
+
+def texture_bands(texture: np.ndarray) -> dict[str, np.ndarray]:
+    """Split a texture into the disjoint row bands that training and test crops come from."""
+    split_row = int(texture.shape[0] * TRAIN_BAND_FRACTION)
+    return {"train": texture[:split_row], "test": texture[split_row:]}
+
+
+def image_rng(seed: int, category: str, stream: str, index: int) -> np.random.Generator:
+    """Independent random stream for one image, so no image depends on how many others are made."""
+    words = [int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") for text in (category, stream)]
+    return np.random.default_rng([seed, *words, index])
+
+
+def sample_crop(band: np.ndarray, crop_size: int, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Cut a random square from ``band``, apply a random flip/rotation, resize to ``image_size``; return RGB uint8."""
+    height, width = band.shape
+    if crop_size > min(height, width):
+        msg = f"crop size {crop_size} does not fit a {height}x{width} texture band; choose at most {min(height, width)}"
+        raise ValueError(msg)
+    top = int(rng.integers(0, height - crop_size + 1))
+    left = int(rng.integers(0, width - crop_size + 1))
+    crop = band[top : top + crop_size, left : left + crop_size]
+    crop = np.rot90(crop, k=int(rng.integers(0, 4)))
+    if rng.integers(0, 2):
+        crop = crop[:, ::-1]
+    if crop_size != image_size:
+        resized = Image.fromarray(np.ascontiguousarray(crop)).resize((image_size, image_size), Image.Resampling.BICUBIC)
+        crop = np.asarray(resized)
+    return np.repeat(np.ascontiguousarray(crop)[:, :, None], 3, axis=2)
+
+
+def draw_defect(image: np.ndarray, defect_type: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(defective copy of image, boolean mask of exactly the altered pixels)``.
+
+    The shape is drawn with sizes relative to the image side, so defects stay
+    visible on small test images too; a shape that falls outside the image is
+    redrawn (from the same stream, so the result stays deterministic).
+    """
+    shapes = _SHAPE_DRAWERS.get(defect_type)
+    if shapes is None:
+        msg = f"unknown defect type {defect_type!r}; choose from {list(DEFECT_TYPES)}"
+        raise ValueError(msg)
+    side = image.shape[0]
+    for _attempt in range(10):
+        canvas = Image.new("1", (side, side), 0)
+        shapes(ImageDraw.Draw(canvas), side, rng)
+        mask = np.asarray(canvas, dtype=bool)
+        if mask.sum() >= max(4, side * side // 2000):
+            break
+    else:
+        msg = f"could not draw a visible {defect_type} on a {side}px image"
+        raise RuntimeError(msg)
+    if defect_type == "stain":
+        shift = rng.integers(_MIN_SHIFT, _MAX_SHIFT + 1, size=3)  # a colour cast: each channel its own amount
+    else:
+        shift = np.full(3, rng.integers(_MIN_SHIFT, _MAX_SHIFT + 1))
+    pixels = image.astype(np.int16)
+    moved = np.where(pixels < 128, pixels + shift, pixels - shift)
+    defective = np.where(mask[:, :, None], moved, pixels).astype(np.uint8)
+    return defective, mask
+
+
+def render_normal(
+    band: np.ndarray, seed: int, category: str, stream: str, index: int, crop_size: int, image_size: int
+) -> np.ndarray:
+    """The ``index``-th normal image of ``stream`` (``"train"`` or ``"test/good"``) of a category."""
+    return sample_crop(band, crop_size, image_size, image_rng(seed, category, stream, index))
+
+
+def render_defective(
+    band: np.ndarray, seed: int, category: str, index: int, defect_type: str, crop_size: int, image_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``index``-th defective test image of a category: ``(normal crop, defective image, mask)``."""
+    rng = image_rng(seed, category, "test/defect", index)
+    normal = sample_crop(band, crop_size, image_size, rng)
+    defective, mask = draw_defect(normal, defect_type, rng)
+    return normal, defective, mask
+
+
+def _draw_scratch(draw: ImageDraw.ImageDraw, side: int, rng: np.random.Generator) -> None:
+    """One or two thin wandering polylines, like tool marks."""
+    for _ in range(int(rng.integers(1, 3))):
+        x, y = rng.uniform(0.2 * side, 0.8 * side, size=2)
+        angle = rng.uniform(0, 2 * math.pi)
+        points = [(float(x), float(y))]
+        for _ in range(int(rng.integers(2, 5))):
+            angle += rng.uniform(-0.5, 0.5)
+            step = rng.uniform(0.12, 0.25) * side
+            x, y = x + step * math.cos(angle), y + step * math.sin(angle)
+            points.append((float(x), float(y)))
+        width = max(1, round(rng.uniform(0.012, 0.03) * side))
+        draw.line(points, fill=1, width=width)
+
+
+def _draw_stain(draw: ImageDraw.ImageDraw, side: int, rng: np.random.Generator) -> None:
+    """An irregular blob: the union of a few overlapping ellipses around one centre."""
+    centre = rng.uniform(0.3 * side, 0.7 * side, size=2)
+    for _ in range(int(rng.integers(3, 7))):
+        cx, cy = centre + rng.normal(0, 0.06 * side, size=2)
+        rx, ry = rng.uniform(0.05, 0.14, size=2) * side
+        draw.ellipse([float(cx - rx), float(cy - ry), float(cx + rx), float(cy + ry)], fill=1)
+
+
+def _draw_spots(draw: ImageDraw.ImageDraw, side: int, rng: np.random.Generator) -> None:
+    """A cluster of small round spots, like splashes or pits."""
+    centre = rng.uniform(0.25 * side, 0.75 * side, size=2)
+    for _ in range(int(rng.integers(4, 10))):
+        cx, cy = centre + rng.uniform(-0.18 * side, 0.18 * side, size=2)
+        radius = max(1.5, rng.uniform(0.015, 0.04) * side)
+        draw.ellipse([float(cx - radius), float(cy - radius), float(cx + radius), float(cy + radius)], fill=1)
+
+
+_SHAPE_DRAWERS: dict[str, Callable[[ImageDraw.ImageDraw, int, np.random.Generator], None]] = {
+    "scratch": _draw_scratch,
+    "stain": _draw_stain,
+    "spots": _draw_spots,
+}

@@ -1,0 +1,296 @@
+"""ConTNet backbone: published key layout, parameter counts, stage shapes, golden outputs and one block by hand.
+
+The key lists and the golden file are copies of the shared reference material
+(``shared/contnet``) kept in ``tests/data`` so a clean clone tests on its own.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from anomalib_contnet.backbones.contnet import (
+    STAGE_NAMES,
+    ConTBlock,
+    ConTNet,
+    ConTNetConfig,
+    create_contnet,
+    list_contnet_variants,
+)
+
+DATA = Path(__file__).parent / "data"
+KEYS = DATA / "contnet_keys"
+GOLDEN = DATA / "contnet_tiny_golden.pt"
+
+KEY_FILES = {
+    ("contnet_ti", False): "ConT-Ti.tsv",
+    ("contnet_s", False): "ConT-S.tsv",
+    ("contnet_m", False): "ConT-M.tsv",
+    ("contnet_b", False): "ConT-B.tsv",
+    ("contnet_b", True): "ConT-B_avgdown.tsv",
+}
+
+# Parameter counts of the authors' code with the 1000-class head (SPEC.md, "Variants").
+PUBLISHED_PARAMETERS = {
+    "contnet_ti": 5_888_992,
+    "contnet_s": 10_103_400,
+    "contnet_m": 19_536_936,
+    "contnet_b": 36_043_112,
+}
+CONTNET_B_WITHOUT_FC = 35_018_112
+
+# Stage maps of ConTNet-B at 224x224 as (C, H, W) (SPEC.md, "Layout").
+CONTNET_B_AT_224 = {
+    "layer0": (64, 56, 56),
+    "layer1": (128, 28, 28),
+    "layer2": (256, 14, 14),
+    "layer3": (512, 7, 7),
+    "layer4": (1024, 7, 7),
+}
+
+
+def read_key_file(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+    """Parse ``key<TAB>(shape)<TAB>dtype`` lines."""
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            key, shape, dtype = line.split("\t")
+            rows.append((key, tuple(ast.literal_eval(shape)), dtype))
+    return rows
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute deviation relative to the largest reference magnitude (robust to values near zero)."""
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+@pytest.fixture(scope="module")
+def contnet_b() -> ConTNet:
+    torch.manual_seed(0)
+    return create_contnet("contnet_b").eval()
+
+
+@pytest.mark.parametrize(("variant", "avg_down"), list(KEY_FILES))
+def test_state_dict_matches_published_keys_in_order(variant: str, avg_down: bool) -> None:
+    expected = read_key_file(KEYS / KEY_FILES[variant, avg_down])
+    actual = [
+        (key, tuple(value.shape), str(value.dtype))
+        for key, value in create_contnet(variant, avg_down=avg_down).state_dict().items()
+    ]
+    assert actual == expected
+
+
+def test_avg_down_changes_exactly_the_three_strided_shortcuts() -> None:
+    plain = [key for key, _, _ in read_key_file(KEYS / "ConT-B.tsv")]
+    avg_down = list(create_contnet("contnet_b", avg_down=True).state_dict())
+    changed = [(old, new) for old, new in zip(plain, avg_down, strict=True) if old != new]
+    assert changed == [
+        (
+            f"layer{stage}.ConTBlock{last}.downsample.conv.weight",
+            f"layer{stage}.ConTBlock{last}.downsample.conv.conv.weight",
+        )
+        for stage, last in ((1, 2), (2, 3), (3, 5))
+    ]
+
+
+@pytest.mark.parametrize("variant", sorted(PUBLISHED_PARAMETERS))
+def test_parameter_count_matches_published_code(variant: str) -> None:
+    model = create_contnet(variant)
+    assert model.parameter_count() == PUBLISHED_PARAMETERS[variant]
+    assert model.parameter_count() == sum(p.numel() for p in model.parameters())
+
+
+def test_contnet_b_without_head_parameter_count() -> None:
+    model = create_contnet("contnet_b", num_classes=0)
+    assert model.parameter_count() == CONTNET_B_WITHOUT_FC
+    assert "fc.weight" not in model.state_dict()
+
+
+def test_variant_list_is_the_four_published_models() -> None:
+    assert list_contnet_variants() == sorted(PUBLISHED_PARAMETERS)
+
+
+def stage_shapes(model: ConTNet, side: int) -> dict[str, tuple[int, ...]]:
+    with torch.no_grad():
+        outputs = model.forward_stages(torch.randn(1, 3, side, side))
+    return {name: tuple(value.shape[1:]) for name, value in outputs.items()}
+
+
+@pytest.mark.parametrize(("side", "scale"), [(224, 1), (448, 2)])
+def test_contnet_b_stage_shapes(contnet_b: ConTNet, side: int, scale: int) -> None:
+    expected = {name: (c, h * scale, w * scale) for name, (c, h, w) in CONTNET_B_AT_224.items()}
+    assert stage_shapes(contnet_b, side) == expected
+
+
+@pytest.mark.parametrize("variant", ["contnet_ti", "contnet_s", "contnet_m"])
+def test_every_variant_stage_shapes_at_224(variant: str) -> None:
+    model = create_contnet(variant).eval()
+    width = model.config.inplanes
+    # Stage i of the spec: width inplanes * 2**i, strides 4, 8, 16, 32, 32.
+    expected = {
+        name: (width * 2**index, 224 // stride, 224 // stride)
+        for index, (name, stride) in enumerate(zip(STAGE_NAMES, (4, 8, 16, 32, 32), strict=True))
+    }
+    assert stage_shapes(model, 224) == expected
+
+
+def test_forward_stages_stops_after_the_deepest_requested_stage() -> None:
+    model = create_contnet("contnet_ti").eval()
+    calls: list[str] = []
+    model.layer4.register_forward_hook(lambda *_: calls.append("layer4"))
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        outputs = model.forward_stages(image, ["layer2", "layer3"])
+        assert sorted(outputs) == ["layer2", "layer3"]
+        assert calls == []
+        full = model.forward_stages(image, ["layer3", "layer4"])
+    assert calls == ["layer4"]
+    torch.testing.assert_close(full["layer3"], outputs["layer3"], rtol=0, atol=0)
+
+
+def test_forward_stages_rejects_unknown_stage() -> None:
+    model = create_contnet("contnet_ti")
+    with pytest.raises(ValueError, match="layer5"):
+        model.forward_stages(torch.zeros(1, 3, 224, 224), ["layer5"])
+
+
+@pytest.mark.parametrize(("height", "width"), [(256, 256), (224, 300), (112, 112)])
+def test_input_sides_must_be_multiples_of_224(height: int, width: int) -> None:
+    model = create_contnet("contnet_ti")
+    with pytest.raises(ValueError, match=r"224, 448") as raised:
+        model(torch.zeros(1, 3, height, width))
+    assert f"{height}x{width}" in str(raised.value)
+
+
+def test_golden_outputs_of_the_authors_code() -> None:
+    golden = torch.load(GOLDEN, weights_only=True)
+    model = ConTNet(ConTNetConfig(**golden["config"]))
+    model.load_state_dict(golden["state_dict"], strict=True)
+    model.eval()
+    with torch.no_grad():
+        outputs = model.forward_stages(golden["input"])
+        outputs["logits"] = model(golden["input"])
+    assert sorted(outputs) == sorted(golden["outputs"])
+    for name, expected in golden["outputs"].items():
+        assert outputs[name].shape == expected.shape, name
+        assert relative_error(outputs[name], expected) < 1e-5, name
+
+
+# ---------------------------------------------------------------- one ConT block, re-derived by hand in float64
+
+
+def layer_norm(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    mean = tokens.mean(dim=-1, keepdim=True)
+    variance = ((tokens - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (tokens - mean) / torch.sqrt(variance + 1e-5) * weight + bias
+
+
+def attention(tokens: torch.Tensor, p: dict[str, torch.Tensor], heads: int) -> torch.Tensor:
+    channels = tokens.shape[-1]
+    qkv = tokens @ p["attn.qkv.weight"].T + p["attn.qkv.bias"]
+    query, key, value = qkv[:, :channels], qkv[:, channels : 2 * channels], qkv[:, 2 * channels :]
+    head_dim = channels // heads
+    per_head = []
+    for head in range(heads):
+        part = slice(head * head_dim, (head + 1) * head_dim)
+        scores = (query[:, part] @ key[:, part].T) * head_dim**-0.5
+        weights = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        per_head.append(weights @ value[:, part])
+    return torch.cat(per_head, dim=-1) @ p["attn.proj.weight"].T + p["attn.proj.bias"]
+
+
+def mlp(tokens: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    hidden = tokens @ p["mlp.fc1.weight"].T + p["mlp.fc1.bias"]
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
+    return hidden @ p["mlp.fc2.weight"].T + p["mlp.fc2.bias"]
+
+
+def encoder_by_hand(x: torch.Tensor, p: dict[str, torch.Tensor], patch: int, heads: int) -> torch.Tensor:
+    """Cut into patches pixel by pixel, add the row/column encodings, run the post-norm layer, put pixels back."""
+    batch, channels, height, width = x.shape
+    half = channels // 2
+    rows_pe, cols_pe = p["pe.0"][0, :, 0, :], p["pe.1"][0, 0, :, :]
+    out = torch.empty_like(x)
+    for b in range(batch):
+        for top in range(0, height, patch):
+            for left in range(0, width, patch):
+                tokens = torch.empty(patch * patch, channels, dtype=x.dtype)
+                for r in range(patch):
+                    for c in range(patch):
+                        pixel = x[b, :, top + r, left + c].clone()
+                        pixel[:half] += rows_pe[r]
+                        pixel[half:] += cols_pe[c]
+                        tokens[r * patch + c] = pixel
+                tokens = layer_norm(tokens + attention(tokens, p, heads), p["norm1.weight"], p["norm1.bias"])
+                tokens = layer_norm(tokens + mlp(tokens, p), p["norm2.weight"], p["norm2.bias"])
+                for r in range(patch):
+                    for c in range(patch):
+                        out[b, :, top + r, left + c] = tokens[r * patch + c]
+    return out
+
+
+def block_by_hand(
+    x: torch.Tensor, p: dict[str, torch.Tensor], patches: tuple[int, int], heads: int, kind: str
+) -> torch.Tensor:
+    """SPEC.md "One ConT block, in eval mode" for the ordinary, strided-last, avg-down-last and stage-4-last kinds."""
+    scale = 1 / torch.sqrt(p["bn.running_var"] + 1e-5)
+    normalised = (x - p["bn.running_mean"][:, None, None]) * scale[:, None, None]
+    activated = torch.clamp(normalised * p["bn.weight"][:, None, None] + p["bn.bias"][:, None, None], min=0)
+    if kind == "ordinary":
+        shortcut = x
+    elif kind == "last_strided":
+        shortcut = F.conv2d(activated, p["downsample.conv.weight"], stride=2)
+    elif kind == "last_avg_down":
+        b, c, h, w = activated.shape
+        pooled = activated.reshape(b, c, h // 2, 2, w // 2, 2).mean(dim=(3, 5))
+        shortcut = F.conv2d(pooled, p["downsample.conv.conv.weight"])
+    else:  # last block of stage 4: stride 1 projection
+        shortcut = F.conv2d(activated, p["downsample.conv.weight"])
+    encoded = activated
+    for name, patch in zip(("ste1", "ste2"), patches, strict=True):
+        prefix = f"{name}."
+        encoded = encoder_by_hand(
+            encoded, {k[len(prefix) :]: v for k, v in p.items() if k.startswith(prefix)}, patch, heads
+        )
+    weight = p["out_conv.conv.weight"]
+    if kind == "ordinary":
+        convolved = F.conv2d(encoded, weight, stride=1, padding=1)
+    elif kind in {"last_strided", "last_avg_down"}:
+        convolved = F.conv2d(encoded, weight, stride=2, padding=1)
+    else:
+        convolved = F.conv2d(encoded, weight)
+    return convolved + shortcut
+
+
+BLOCK_KINDS = {
+    "ordinary": {"expand": False, "stride": 1, "avg_down": False},
+    "last_strided": {"expand": True, "stride": 2, "avg_down": False},
+    "last_avg_down": {"expand": True, "stride": 2, "avg_down": True},
+    "last_stage4": {"expand": True, "stride": 1, "avg_down": False},
+}
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_KINDS))
+def test_one_block_matches_float64_derivation(kind: str) -> None:
+    planes, heads, patches = 4, 2, (2, 4)
+    block = ConTBlock(planes, mlp_dim=6, num_heads=heads, patch_sizes=patches, **BLOCK_KINDS[kind]).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, tensor in block.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+        x = torch.randn(2, planes, 8, 8, generator=generator)
+        actual = block(x)
+    params = {name: tensor.double() for name, tensor in block.state_dict().items() if tensor.is_floating_point()}
+    expected = block_by_hand(x.double(), params, patches, heads, kind)
+    assert actual.shape == expected.shape
+    assert actual.shape[1] == (2 * planes if BLOCK_KINDS[kind]["expand"] else planes)
+    assert relative_error(actual, expected) < 1e-5
