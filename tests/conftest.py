@@ -6,14 +6,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ANOMALIB_CONTNET_OFFLINE", "1")
 
 TINY_CATEGORY = "brick"
+TINY_SIZES = {"n_train": 12, "n_test_good": 4, "n_test_defect": 4, "image_size": 128, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -28,39 +27,12 @@ class TrainedModel:
     category: str
 
 
-def _write_tiny_mvtec(root: Path, category: str, seed: int = 0) -> None:
-    """Temporary stand-in: brick texture crops, with bright squares as defects and exact masks."""
-    from skimage import data  # noqa: PLC0415
-
-    rng = np.random.default_rng(seed)
-    texture = data.brick()
-    side = 128
-
-    def crop() -> np.ndarray:
-        top, left = rng.integers(0, texture.shape[0] - side, 2)
-        return np.repeat(texture[top : top + side, left : left + side, None], 3, axis=2)
-
-    base = root / category
-    for folder in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
-        (base / folder).mkdir(parents=True, exist_ok=True)
-    for index in range(12):
-        Image.fromarray(crop()).save(base / "train/good" / f"{index:03d}.png")
-    for index in range(4):
-        Image.fromarray(crop()).save(base / "test/good" / f"{index:03d}.png")
-    for index in range(4):
-        image, mask = crop(), np.zeros((side, side), np.uint8)
-        top, left = rng.integers(16, side - 48, 2)
-        image[top : top + 32, left : left + 32] = (255, 40, 40)
-        mask[top : top + 32, left : left + 32] = 255
-        Image.fromarray(image).save(base / "test/spot" / f"{index:03d}.png")
-        Image.fromarray(mask).save(base / "ground_truth/spot" / f"{index:03d}_mask.png")
-
-
 @pytest.fixture(scope="session")
 def tiny_mvtec(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """(root, category) of a small MVTec AD-layout dataset with obvious defects and exact masks."""
-    root = tmp_path_factory.mktemp("tiny_mvtec")
-    _write_tiny_mvtec(root, TINY_CATEGORY)
+    from anomalib_contnet.data import make_tiny_mvtec  # noqa: PLC0415
+
+    root = make_tiny_mvtec(tmp_path_factory.mktemp("tiny_mvtec"), category=TINY_CATEGORY, **TINY_SIZES)
     return root, TINY_CATEGORY
 
 

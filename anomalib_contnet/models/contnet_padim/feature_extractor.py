@@ -44,6 +44,14 @@ class FrozenFeatureExtractor(nn.Module):
         """Stay in eval mode whatever Lightning asks: the backbone is a fixed, pretrained feature map."""
         return super().train(False)
 
+    def stage_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Outputs of every stage up to the deepest requested one, in execution order.
+
+        Used only to locate the stage where NaN/Inf first appear, after a check
+        found some; this base version can only show the requested layers.
+        """
+        return self(images)
+
 
 class ConTNetFeatures(FrozenFeatureExtractor):
     """Features of chosen ConTNet stages; stages after the deepest requested one are never run."""
@@ -63,6 +71,11 @@ class ConTNetFeatures(FrozenFeatureExtractor):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return {layer: (B, C, h, w)} for the requested layers."""
         return self.backbone.forward_stages(images, self.layers)
+
+    def stage_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every ConTNet stage from the stem to the deepest requested one, in execution order."""
+        deepest = max(STAGE_NAMES.index(layer) for layer in self.layers)
+        return self.backbone.forward_stages(images, STAGE_NAMES[: deepest + 1])
 
 
 class TimmFeatures(FrozenFeatureExtractor):
@@ -112,13 +125,32 @@ class TimmFeatures(FrozenFeatureExtractor):
         return dict(zip(self.backbone.feature_info.module_name(), self.backbone(images), strict=True))
 
 
+UNTRAINED_INIT_SEED = 0
+"""Seed of the random initialisation of untrained backbones, so their features (and scores) are reproducible."""
+
+
 def build_feature_extractor(
     backbone: str, layers: Sequence[str], pre_trained: bool, weights: str | None
 ) -> FrozenFeatureExtractor:
-    """The one place that turns a backbone name into a frozen feature extractor."""
+    """The one place that turns a backbone name into a frozen feature extractor.
+
+    Untrained backbones (``pre_trained=False`` and no ``weights``) are initialised
+    from a fixed seed without touching the global random state: the same settings
+    always give the same features, so runs with untrained features are comparable.
+    """
     if not layers:
         msg = "layers must name at least one backbone stage"
         raise ValueError(msg)
-    if is_contnet(backbone):
-        return ConTNetFeatures(backbone, layers, pre_trained, weights)
-    return TimmFeatures(backbone, layers, pre_trained, weights)
+    source, _ = timm.models.parse_model_name(backbone)
+    if source is None and not is_contnet(backbone) and not timm.is_model(backbone):  # hf-hub:/local-dir: go to timm
+        msg = (
+            f"unknown backbone {backbone!r}: neither a ConTNet variant ({', '.join(list_contnet_variants())}) "
+            "nor a timm model name (see timm.list_models())"
+        )
+        raise ValueError(msg)
+    extractor_class = ConTNetFeatures if is_contnet(backbone) else TimmFeatures
+    if pre_trained or weights is not None:
+        return extractor_class(backbone, layers, pre_trained, weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(UNTRAINED_INIT_SEED)
+        return extractor_class(backbone, layers, pre_trained, weights)
