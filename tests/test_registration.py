@@ -64,7 +64,7 @@ def test_wheel_install_registers_the_model_when_anomalib_loads(wheel_environment
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["ConTNetPaDiM", "anomalib_contnet.ConTNetPaDiM"])
 def test_stock_cli_resolves_the_model_from_the_wheel(wheel_environment: Path, tmp_path: Path, model_name: str) -> None:
-    """anomalib's own CLI entry point (what the ``anomalib`` command runs) parses --model and --data MVTec."""
+    """Anomalib's own CLI entry point (what the ``anomalib`` command runs) parses --model and --data MVTec."""
     arguments = ["train", "--model", model_name, "--model.pre_trained", "false", "--data", "MVTec", "--print_config"]
     script = f"import sys; from anomalib.cli.cli import main; sys.argv = ['anomalib', *{arguments!r}]; main()"
     output = run([str(wheel_environment), "-c", script], cwd=tmp_path)
