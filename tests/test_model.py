@@ -174,3 +174,14 @@ def test_engine_predict_from_checkpoint_matches_the_model(trained_model, tmp_pat
     assert first.pred_score.numel() == first.image.shape[0]
     torch.testing.assert_close(first.pred_score.flatten(), expected.pred_score.flatten(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(first.anomaly_map.squeeze(), expected.anomaly_map.squeeze(), rtol=1e-5, atol=1e-6)
+
+
+def test_loading_a_checkpoint_needs_no_imagenet_weights(trained_model, tmp_path, monkeypatch) -> None:
+    """A checkpoint of a model built with pre_trained=True loads on a machine without the ImageNet file."""
+    checkpoint = torch.load(trained_model.checkpoint, weights_only=True)
+    checkpoint["hyper_parameters"]["pre_trained"] = True
+    pretending = tmp_path / "pretrained.ckpt"
+    torch.save(checkpoint, pretending)
+    monkeypatch.setenv("ANOMALIB_CONTNET_CACHE", str(tmp_path / "no-weights-here"))
+    restored = ConTNetPaDiM.load_from_checkpoint(pretending)
+    torch.testing.assert_close(restored.model.gaussian.mean, trained_model.model.model.gaussian.mean)
