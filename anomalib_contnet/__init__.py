@@ -6,10 +6,10 @@ alias) with anomalib; an installed copy does so automatically whenever
 """
 
 from anomalib_contnet.data.mvtec_alias import MVTec
-from anomalib_contnet.models import ConTNetPaDiM, ConTNetPaDiMModel, NotFittedError
+from anomalib_contnet.models import ConTNetPaDiM, ConTNetPaDiMModel, NonFiniteError, NotFittedError
 from anomalib_contnet.registration import register
 
 __version__ = "0.1.0"
-__all__ = ["ConTNetPaDiM", "ConTNetPaDiMModel", "MVTec", "NotFittedError", "__version__"]
+__all__ = ["ConTNetPaDiM", "ConTNetPaDiMModel", "MVTec", "NonFiniteError", "NotFittedError", "__version__"]
 
 register()

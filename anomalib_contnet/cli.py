@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from anomalib_contnet.backbones import weights_cli
+from anomalib_contnet.benchmark import cli as benchmark_cli
 from anomalib_contnet.data import cli as data_cli
+from anomalib_contnet.demo import cli as demo_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,9 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anomalib-contnet",
         description="Prepare weights and data for the ConTNetPaDiM anomalib plugin.",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{weights,data}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{weights,data,benchmark,demo}")
     weights_cli.register(groups)
     data_cli.register(groups)
+    benchmark_cli.register(groups)
+    demo_cli.register(groups)
     return parser
 
 

@@ -185,3 +185,17 @@ def test_loading_a_checkpoint_needs_no_imagenet_weights(trained_model, tmp_path,
     monkeypatch.setenv("ANOMALIB_CONTNET_CACHE", str(tmp_path / "no-weights-here"))
     restored = ConTNetPaDiM.load_from_checkpoint(pretending)
     torch.testing.assert_close(restored.model.gaussian.mean, trained_model.model.model.gaussian.mean)
+
+
+def test_training_through_the_engine_writes_a_checkpoint(tiny_mvtec, tmp_path) -> None:
+    """anomalib's checkpoint callback saves only once the global step advances; the fit must advance it."""
+    from anomalib.data import MVTecAD  # noqa: PLC0415
+    from anomalib.engine import Engine  # noqa: PLC0415
+
+    root, category = tiny_mvtec
+    datamodule = MVTecAD(root=root, category=category, train_batch_size=4, eval_batch_size=4, num_workers=0)
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    engine.fit(model=ConTNetPaDiM(backbone="contnet_ti", pre_trained=False), datamodule=datamodule)
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    restored = ConTNetPaDiM.load_from_checkpoint(checkpoint)
+    assert restored.model.gaussian.is_fitted

@@ -1,5 +1,5 @@
 """Anomaly models provided by this plugin."""
 
-from anomalib_contnet.models.contnet_padim import ConTNetPaDiM, ConTNetPaDiMModel, NotFittedError
+from anomalib_contnet.models.contnet_padim import ConTNetPaDiM, ConTNetPaDiMModel, NonFiniteError, NotFittedError
 
-__all__ = ["ConTNetPaDiM", "ConTNetPaDiMModel", "NotFittedError"]
+__all__ = ["ConTNetPaDiM", "ConTNetPaDiMModel", "NonFiniteError", "NotFittedError"]

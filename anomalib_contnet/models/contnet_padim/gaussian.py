@@ -1,33 +1,110 @@
 """Per-position multivariate Gaussians fitted from a stream of feature batches.
 
 anomalib's Padim keeps every training embedding until the end of the epoch and
-then loops over patch positions in Python. Here each batch is reduced at once to
-its sufficient statistics (count, mean, scatter matrix) and merged into float64
-accumulators with Chan et al.'s pairwise update, so memory does not grow with the
-number of training images, and any split into batches (or processes) gives the
-same Gaussian up to rounding.
+then loops over patch positions in Python. Here training samples are reduced to
+float64 sums about a fixed reference point (the first batch's mean) as they
+arrive, so memory does not grow with the number of training images and any split
+into batches (or processes) gives the same Gaussian up to rounding. Samples are
+gathered into a small buffer and added to the scatter matrices with one in-place
+matrix product per :data:`SAMPLES_PER_UPDATE` samples, whatever the batch size:
+the (positions, D, D) accumulator is read and written rarely, and no temporary of
+its size is ever made.
 
 After fitting, only what inference needs is kept: the mean and an upper-triangular
-factor ``F`` of the precision matrix (``inv(Σ) = F Fᵀ``, from a batched Cholesky
-decomposition). The squared Mahalanobis distance is then ``‖(x - μ) F‖²``: a
-sum of squares, never negative, with one batched matrix product per batch.
+factor ``F`` of the precision matrix (``inv(Σ) = F Fᵀ``, from a Cholesky
+decomposition per position). The squared Mahalanobis distance is then
+``‖(x - μ) F‖²``: a sum of squares, never negative.
+
+``F`` is stored packed (see :func:`pack_factor`): column block ``j`` of ``F`` has
+non-zeros only in the rows above its last column, so only those rows are kept,
+one slab per block. That halves storage and the bytes read per prediction (the
+Mahalanobis step reads the whole factor for every batch and is memory-bound), and
+each slab is used as it is by one batched matrix product, in the exported graph
+too: nothing is unpacked, so no second copy of the factor appears anywhere.
+``factor_dtype="float16"`` halves it again; the slabs are widened to float32
+just before their product, so arithmetic stays float32.
 """
 
 from __future__ import annotations
 
-import warnings
+from typing import Any
 
 import torch
 from anomalib.models.components import DynamicBufferMixin
 from torch import distributed, nn
 
-__all__ = ["StreamingGaussian"]
+from anomalib_contnet.models.contnet_padim.safeguards import warn_each_time
+
+__all__ = [
+    "FACTOR_BLOCK_WIDTH",
+    "FACTOR_DTYPES",
+    "SAMPLES_PER_UPDATE",
+    "StreamingGaussian",
+    "pack_factor",
+    "packed_factor_size",
+    "unpack_factor",
+]
+
+FACTOR_BLOCK_WIDTH = 128
+"""Columns per slab of the packed factor. Part of the saved format: changing it changes what checkpoints mean.
+
+Slabs keep ``(k + 1) / 2k`` of the full matrix for ``k`` blocks (54 % at 1536
+dimensions). Narrower blocks save a little more storage but multiply the small
+matrix products: at batch 1, 64 columns ran about 15 % slower than 128 on the
+development machine (single thread), 256 no faster than 128.
+"""
+
+SOLVE_WIDTH = 2 * FACTOR_BLOCK_WIDTH
+"""Columns of the triangular inverse solved at once while fitting (a multiple of the block width)."""
+
+SAMPLES_PER_UPDATE = 64
+"""Centred samples gathered before they are added to the scatter matrices in one matrix product."""
+
+FACTOR_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+"""Storage types accepted for the precision factor."""
 
 
 def _positions_first(embedding: torch.Tensor) -> torch.Tensor:
-    """(B, D, H, W) -> (H*W, B, D): one row of samples per patch position."""
+    """(B, D, H, W) -> (H*W, B, D): one row of samples per patch position (a view, no copy)."""
     batch, channels = embedding.shape[:2]
     return embedding.reshape(batch, channels, -1).permute(2, 0, 1)
+
+
+def _column_blocks(dims: int) -> list[tuple[int, int]]:
+    """(first, end) column of every block of the packed factor."""
+    return [(first, min(first + FACTOR_BLOCK_WIDTH, dims)) for first in range(0, dims, FACTOR_BLOCK_WIDTH)]
+
+
+def packed_factor_size(positions: int, dims: int) -> int:
+    """Number of values the packed upper-triangular factor of ``positions`` (dims x dims) matrices holds."""
+    return positions * sum(end * (end - first) for first, end in _column_blocks(dims))
+
+
+def _slabs(packed: torch.Tensor, positions: int, dims: int) -> list[tuple[int, torch.Tensor]]:
+    """(rows, slab view of shape (positions, rows, block width)) for every column block of a packed factor."""
+    slabs = []
+    offset = 0
+    for first, end in _column_blocks(dims):
+        size = positions * end * (end - first)
+        slabs.append((end, packed[offset : offset + size].view(positions, end, end - first)))
+        offset += size
+    return slabs
+
+
+def pack_factor(factor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pack upper-triangular matrices (P, D, D) into the 1-D slab layout; entries below the diagonal are dropped."""
+    upper = factor.triu()
+    return torch.cat([upper[:, :end, first:end].reshape(-1) for first, end in _column_blocks(factor.shape[-1])]).to(
+        dtype or factor.dtype
+    )
+
+
+def unpack_factor(packed: torch.Tensor, positions: int, dims: int) -> torch.Tensor:
+    """Rebuild the full (P, D, D) upper-triangular matrices from the packed layout (for inspection and tests)."""
+    factor = packed.new_zeros(positions, dims, dims)
+    for (first, end), (_, slab) in zip(_column_blocks(dims), _slabs(packed, positions, dims), strict=True):
+        factor[:, :end, first:end] = slab
+    return factor.triu()
 
 
 class StreamingGaussian(DynamicBufferMixin, nn.Module):
@@ -37,111 +114,224 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         epsilon: regulariser added to the covariance diagonal. With more feature
             dimensions than training images the covariance is singular and this
             value decides much of the result; 0.01 is PaDiM's choice.
+        factor_dtype: storage type of the precision factor, ``"float32"`` or
+            ``"float16"`` (half the size; distances then differ from float32 storage
+            by rounding of the factor, about 1e-4 relative). Arithmetic is float32 either way.
     """
 
-    def __init__(self, epsilon: float = 0.01) -> None:
+    def __init__(self, epsilon: float = 0.01, factor_dtype: str = "float32") -> None:
         super().__init__()
         if not epsilon > 0:
             msg = f"epsilon must be positive (it makes the covariance invertible), got {epsilon}"
             raise ValueError(msg)
+        if factor_dtype not in FACTOR_DTYPES:
+            msg = f"factor_dtype must be one of {sorted(FACTOR_DTYPES)}, got {factor_dtype!r}"
+            raise ValueError(msg)
         self.epsilon = float(epsilon)
+        self.factor_dtype = factor_dtype
         self.register_buffer("mean", torch.empty(0))
-        self.register_buffer("precision_factor", torch.empty(0))
+        self.register_buffer("precision_factor", torch.empty(0, dtype=FACTOR_DTYPES[factor_dtype]))
         self.mean: torch.Tensor
         self.precision_factor: torch.Tensor
+        self._widened_factor: torch.Tensor | None = None
+        self._widened_key: tuple[Any, ...] | None = None
         self.reset_statistics()
 
     # ----------------------------------------------------------------- fitting
     def reset_statistics(self) -> None:
         """Forget accumulated training statistics (the fitted parameters stay)."""
         self.count = 0
-        self._running_mean: torch.Tensor | None = None
-        self._running_scatter: torch.Tensor | None = None
+        self._reference: torch.Tensor | None = None  # (P, D) float64, the point samples are centred on
+        self._centred_sum: torch.Tensor | None = None  # (P, D) float64, Σ (x - reference)
+        self._scatter: torch.Tensor | None = None  # (P, D, D) float64, Σ (x - reference)(x - reference)ᵀ
+        self._pending: torch.Tensor | None = None  # (P, SAMPLES_PER_UPDATE, D) float64 centred samples
+        self._pending_count = 0
 
     @torch.no_grad()
     def update(self, embedding: torch.Tensor) -> None:
-        """Merge a batch of embeddings (B, D, H, W) into the running statistics."""
+        """Add a batch of embeddings (B, D, H, W) to the running statistics."""
         if embedding.shape[0] == 0:
             return
-        samples = _positions_first(embedding).double()
-        batch_count = samples.shape[1]
-        batch_mean = samples.mean(dim=1)
-        centered = samples - batch_mean.unsqueeze(1)
-        batch_scatter = torch.bmm(centered.transpose(1, 2), centered)
-        self._merge(batch_count, batch_mean, batch_scatter)
-
-    def _merge(self, other_count: int, other_mean: torch.Tensor, other_scatter: torch.Tensor) -> None:
-        """Chan's pairwise update of (count, mean, scatter)."""
-        if self._running_mean is None or self._running_scatter is None or self.count == 0:
-            self.count, self._running_mean, self._running_scatter = other_count, other_mean, other_scatter
-            return
-        if other_mean.shape != self._running_mean.shape:
+        samples = _positions_first(embedding)
+        if self._reference is None:
+            self._start_accumulators(samples)
+        elif samples.shape[0] != self._reference.shape[0] or samples.shape[2] != self._reference.shape[1]:
             msg = (
-                f"feature shape changed during fitting: {tuple(other_mean.shape)} vs {tuple(self._running_mean.shape)} "
-                "(positions, dims); every training image must have the same size after pre-processing"
+                f"feature shape changed during fitting: {(samples.shape[0], samples.shape[2])} vs "
+                f"{tuple(self._reference.shape)} (positions, dims); every training image must have the same size "
+                "after pre-processing"
             )
             raise ValueError(msg)
-        total = self.count + other_count
-        delta = other_mean - self._running_mean
-        self._running_mean = self._running_mean + delta * (other_count / total)
-        weight = self.count * other_count / total
-        self._running_scatter = self._running_scatter + other_scatter + weight * delta.unsqueeze(2) * delta.unsqueeze(1)
-        self.count = total
+        pending, reference = self._pending, self._reference
+        taken = 0
+        while taken < samples.shape[1]:
+            room = min(SAMPLES_PER_UPDATE - self._pending_count, samples.shape[1] - taken)
+            window = pending[:, self._pending_count : self._pending_count + room]
+            window.copy_(samples[:, taken : taken + room])
+            window.sub_(reference.unsqueeze(1))
+            self._pending_count += room
+            taken += room
+            if self._pending_count == SAMPLES_PER_UPDATE:
+                self._add_pending()
+        self.count += samples.shape[1]
 
-    def _merge_across_processes(self) -> None:
-        """Combine the statistics of all distributed processes (DDP) with two all-reduces.
+    def _start_accumulators(self, samples: torch.Tensor) -> None:
+        """Allocate the accumulators; the first batch's mean becomes the reference point.
+
+        Centring on a point near the mean keeps the float64 sums free of the
+        cancellation that plain sums of squares suffer when features have a large offset.
+        """
+        positions, _, dims = samples.shape
+        options = {"dtype": torch.float64, "device": samples.device}
+        self._reference = samples.mean(dim=1, dtype=torch.float64)
+        self._centred_sum = torch.zeros(positions, dims, **options)
+        self._scatter = torch.zeros(positions, dims, dims, **options)
+        self._pending = torch.empty(positions, SAMPLES_PER_UPDATE, dims, **options)
+
+    def _add_pending(self) -> None:
+        """Add the buffered centred samples to the sums, in place."""
+        if self._pending is None or self._centred_sum is None or self._scatter is None or not self._pending_count:
+            return
+        block = self._pending[:, : self._pending_count]
+        self._centred_sum += block.sum(dim=1)
+        self._scatter.baddbmm_(block.transpose(1, 2), block)
+        self._pending_count = 0
+
+    def _mean_and_scatter(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mean (P, D) and scatter about the mean (P, D, D) in float64, or None before any sample.
+
+        The scatter is moved from the reference point to the mean in place
+        (``S - n·d·dᵀ`` with ``d`` the mean offset), so no second (P, D, D) array is made.
+        """
+        self._add_pending()
+        if self._reference is None or self._centred_sum is None or self._scatter is None:
+            return None
+        offset = self._centred_sum / self.count
+        self._scatter.baddbmm_(offset.unsqueeze(2), offset.unsqueeze(1), alpha=-self.count)
+        return self._reference + offset, self._scatter
+
+    def _merge_across_processes(
+        self, statistics: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Combine the statistics of all distributed processes (DDP) with three all-reduces.
 
         Every process ends with the statistics of the union of all their samples,
         exactly as if one process had seen them all.
         """
         if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
-            return
-        if self._running_mean is None or self._running_scatter is None:
+            return statistics
+        if statistics is None:
             msg = "this process saw no training images; cannot merge Gaussian statistics across processes"
             raise RuntimeError(msg)
-        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self._running_mean.device)
-        weighted_sum = self._running_mean * count
+        mean, scatter = statistics
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=mean.device)
+        weighted_sum = mean * count
         distributed.all_reduce(count)
         distributed.all_reduce(weighted_sum)
         global_mean = weighted_sum / count
-        delta = self._running_mean - global_mean
-        scatter = self._running_scatter + self.count * delta.unsqueeze(2) * delta.unsqueeze(1)
+        delta = mean - global_mean
+        scatter.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=self.count)
         distributed.all_reduce(scatter)
-        self.count, self._running_mean, self._running_scatter = int(count.item()), global_mean, scatter
+        self.count = int(count.item())
+        return global_mean, scatter
 
     @torch.no_grad()
     def fit(self) -> None:
-        """Turn the accumulated statistics into the mean and precision factor, then free the accumulators."""
-        self._merge_across_processes()
-        if self._running_mean is None or self._running_scatter is None or self.count < 2:
+        """Turn the accumulated statistics into the mean and packed precision factor.
+
+        The accumulators are consumed (overwritten in place to save memory) and
+        freed, whether fitting succeeds or not; a new fit starts from no samples.
+        """
+        try:
+            self._fit_from_statistics()
+        finally:
+            self.reset_statistics()
+
+    def _fit_from_statistics(self) -> None:
+        """The work of :meth:`fit`."""
+        statistics = self._merge_across_processes(self._mean_and_scatter())
+        if statistics is None or self.count < 2:
             msg = (
                 f"fitting the Gaussian needs at least 2 training images, got {self.count}: the covariance of "
                 "a single image is undefined. Add normal images to the training folder."
             )
             raise ValueError(msg)
-        dims = self._running_mean.shape[-1]
+        mean, scatter = statistics
+        dims = mean.shape[-1]
         if self.count - 1 < dims:
-            warnings.warn(
+            warn_each_time(  # once per fit: Python's per-location deduplication would hide it in later fits
                 f"{self.count} training images for {dims} feature dimensions: the sample covariance is singular "
                 f"and only the regulariser epsilon={self.epsilon} makes it invertible, so epsilon strongly "
                 "influences the scores. More training images, or n_features < number of images, reduce this.",
-                UserWarning,
-                stacklevel=2,
+                stacklevel=4,  # the caller of fit() (past fit and its no_grad wrapper)
             )
-        identity = torch.eye(dims, dtype=torch.float64, device=self._running_mean.device)
-        covariance = self._running_scatter / (self.count - 1) + self.epsilon * identity
-        cholesky, info = torch.linalg.cholesky_ex(covariance)
-        if bool((info != 0).any()):
+        self.precision_factor = self._packed_precision_factor(scatter)
+        self.mean = mean.float()
+
+    def _packed_precision_factor(self, scatter: torch.Tensor) -> torch.Tensor:
+        """Cholesky-factorise ``scatter / (n - 1) + εI = L Lᵀ`` position by position and pack ``F = inv(L)ᵀ``.
+
+        ``inv(Σ) = inv(L)ᵀ inv(L) = F Fᵀ``. Columns ``first:end`` of the upper-triangular
+        ``F`` are zero below row ``end``: their transpose solves only the leading
+        ``end x end`` block of ``Y L = I[first:end]``. Solving :data:`SOLVE_WIDTH`
+        columns at a time, the inverse costs about a third of one solve against the
+        whole identity. (The right-hand solve also matters: LAPACK returns its result
+        column-major, which makes ``Y`` transposed exactly the row-major slab, while
+        copying a column-major ``F`` into slabs cost more than the factorisation.) One
+        position at a time keeps the float64 temporaries at two (D, D) matrices; the
+        scatter itself is overwritten by the covariance.
+        """
+        positions, dims, _ = scatter.shape
+        identity = torch.eye(dims, dtype=scatter.dtype, device=scatter.device)
+        packed = torch.empty(
+            packed_factor_size(positions, dims), dtype=FACTOR_DTYPES[self.factor_dtype], device=scatter.device
+        )
+        slabs = list(zip(_column_blocks(dims), _slabs(packed, positions, dims), strict=True))
+        for position in range(positions):
+            covariance = scatter[position].div_(self.count - 1)
+            covariance.diagonal().add_(self.epsilon)
+            lower, info = torch.linalg.cholesky_ex(covariance)
+            if info.item() != 0:
+                msg = (
+                    f"covariance is not positive definite at patch position {position} (non-finite features?); "
+                    "check the training images and backbone weights"
+                )
+                raise ValueError(msg)
+            for solve_first in range(0, dims, SOLVE_WIDTH):
+                solve_end = min(solve_first + SOLVE_WIDTH, dims)
+                columns = torch.linalg.solve_triangular(
+                    lower[:solve_end, :solve_end], identity[solve_first:solve_end, :solve_end], upper=False, left=False
+                ).T
+                for (first, end), (rows, slab) in slabs:
+                    if solve_first <= first < solve_end:
+                        slab[position].copy_(columns[:rows, first - solve_first : end - solve_first])
+        if not bool(torch.isfinite(packed).all()):
             msg = (
-                "covariance is not positive definite at some patch positions (non-finite features?); "
-                "check the training images and backbone weights"
+                f"the precision factor does not fit in {self.factor_dtype} (epsilon={self.epsilon} is too small for "
+                "it); use factor_dtype='float32' or a larger epsilon"
             )
             raise ValueError(msg)
-        # inv(Σ) = inv(L)ᵀ inv(L), so F = inv(L)ᵀ is an upper-triangular factor with inv(Σ) = F Fᵀ.
-        inverse_cholesky = torch.linalg.solve_triangular(cholesky, identity.expand_as(cholesky), upper=False)
-        self.mean = self._running_mean.float()
-        self.precision_factor = inverse_cholesky.transpose(1, 2).float().contiguous()
-        self.reset_statistics()
+        return packed
+
+    # ------------------------------------------------------------ saved state
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Accept the full (P, D, D) factor of checkpoints written before the packed layout, and check sizes.
+
+        A factor whose size does not match the mean would otherwise load and then
+        fail, or mislead, at prediction time.
+        """
+        factor, mean = state_dict.get(prefix + "precision_factor"), state_dict.get(prefix + "mean")
+        if factor is not None and mean is not None and mean.dim() == 2:
+            positions, dims = mean.shape
+            if factor.shape == (positions, dims, dims):
+                state_dict[prefix + "precision_factor"] = pack_factor(factor)
+            elif factor.shape != (packed_factor_size(positions, dims),):
+                msg = (
+                    f"saved precision factor has shape {tuple(factor.shape)}, which does not fit a mean of shape "
+                    f"{tuple(mean.shape)}; the checkpoint is damaged or from an incompatible version: refit the model"
+                )
+                raise ValueError(msg)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # --------------------------------------------------------------- inference
     @property
@@ -149,15 +339,53 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         """Whether fitted parameters are present (decided by shapes only, so it is export-safe)."""
         return self.mean.numel() > 0
 
+    def factor_matrices(self) -> torch.Tensor:
+        """The precision factor as full (P, D, D) upper-triangular matrices in float64; for inspection and tests."""
+        positions, dims = self.mean.shape
+        return unpack_factor(self.precision_factor.double(), positions, dims)
+
     def covariance(self) -> torch.Tensor:
         """The fitted covariance ``Σ + εI`` per position (P, D, D), in float64; for inspection and tests."""
-        factor = self.precision_factor.double()
+        factor = self.factor_matrices()
         return torch.linalg.inv(factor @ factor.transpose(1, 2))
 
+    def _compute_factor(self) -> torch.Tensor:
+        """The packed factor in the arithmetic type (float32).
+
+        A float16 factor is widened once and the copy is kept for later eager
+        calls (the Mahalanobis step is memory-bound, and widening on every call
+        would read and write more bytes than the float32 product saves). Under
+        ``torch.export`` the stored tensor is widened inside the graph, whole and
+        before any slicing: a float16 constant feeding a conversion straight away
+        is the pattern OpenVINO keeps compressed in its IR (a slice in between
+        made it fold the slabs into float32 constants, doubling the file).
+        """
+        stored = self.precision_factor
+        if stored.dtype == self.mean.dtype or torch.compiler.is_compiling():
+            return stored.to(self.mean.dtype)
+        # _version changes on in-place writes (load_state_dict copies into the same storage).
+        key = (stored.data_ptr(), stored._version, stored.device, stored.numel())
+        if self._widened_factor is None or self._widened_key != key:
+            self._widened_factor = None  # free the stale copy before making the new one
+            self._widened_factor = stored.to(self.mean.dtype)
+            self._widened_key = key
+        return self._widened_factor
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (TorchInferencer, deepcopy) without the widened float32 copy of a float16 factor."""
+        return {**super().__getstate__(), "_widened_factor": None, "_widened_key": None}
+
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Mahalanobis distance (Eq. 3) of every patch of ``embedding`` (B, D, H, W) -> (B, 1, H, W)."""
+        """Mahalanobis distance (Eq. 3) of every patch of ``embedding`` (B, D, H, W) -> (B, 1, H, W).
+
+        ``(x - μ) F`` column block by column block: block ``j`` needs only the
+        first ``rows`` entries of ``x - μ``, and its slab is used where it lies.
+        """
         batch, _, height, width = embedding.shape
-        delta = _positions_first(embedding) - self.mean.unsqueeze(1)
-        whitened = torch.bmm(delta, self.precision_factor)
-        squared = whitened.square().sum(dim=-1)
+        positions, dims = self.mean.shape
+        delta = (_positions_first(embedding).to(self.mean.dtype) - self.mean.unsqueeze(1)).contiguous()
+        squared = torch.zeros_like(delta[..., 0])
+        for rows, slab in _slabs(self._compute_factor(), positions, dims):
+            whitened = torch.bmm(delta[..., :rows], slab)
+            squared = squared + whitened.square().sum(dim=-1)
         return squared.sqrt().transpose(0, 1).reshape(batch, 1, height, width)

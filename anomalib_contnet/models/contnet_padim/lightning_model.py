@@ -25,8 +25,10 @@ all positions at once, and multi-device training (DDP) merges the statistics.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 from anomalib import LearningType
@@ -36,25 +38,35 @@ from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DistributedSampler
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from anomalib_contnet.deploy.staging import AtomicExportMixin
 from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
-from anomalib_contnet.models.contnet_padim.torch_model import ConTNetPaDiMModel
+from anomalib_contnet.models.contnet_padim.safeguards import (
+    CHECKPOINT_FORMAT_VERSION,
+    FORMAT_KEY,
+    check_checkpoint_format,
+    check_checkpoint_state,
+    check_image_files,
+    dataset_image_paths,
+    loader_datasets,
+    read_checkpoint,
+    require_training_images,
+)
+from anomalib_contnet.models.contnet_padim.torch_model import ConTNetPaDiMModel, NotFittedError
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "DEFAULT_IMAGE_SIZE", "ConTNetPaDiM"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = (224, 224)
-CHECKPOINT_FORMAT_VERSION = 1
-"""Bumped whenever saved state changes meaning; checkpoints from a newer format are refused on load."""
-FORMAT_KEY = "anomalib_contnet_format_version"
 
 
-class ConTNetPaDiM(MemoryBankMixin, AnomalibModule):
+class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     """ConTNet patch features + per-position Gaussians (Dini & Rahtu 2023).
 
     Args:
@@ -117,9 +129,6 @@ class ConTNetPaDiM(MemoryBankMixin, AnomalibModule):
         )
         self.model: ConTNetPaDiMModel = model
         self._train_samples_seen = 0
-        # Nothing is optimised. Manual optimisation tells Lightning not to expect a loss or run backward,
-        # which also lets distributed strategies (DDP) accept a training step that returns nothing.
-        self.automatic_optimization = False
 
     @classmethod
     def configure_pre_processor(
@@ -158,15 +167,62 @@ class ConTNetPaDiM(MemoryBankMixin, AnomalibModule):
         """Trained on normal images only."""
         return LearningType.ONE_CLASS
 
-    def on_train_epoch_start(self) -> None:
-        """Start counting this process's samples (for the distributed padding mask)."""
-        self._train_samples_seen = 0
+    def on_fit_start(self) -> None:
+        """Refuse an empty training set with a message that names the folder (before the data loader fails)."""
+        super().on_fit_start()
+        require_training_images(self.trainer.datamodule)
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> None:  # noqa: ARG002 (Lightning signature)
-        """Add the batch's patch embeddings to the running Gaussian statistics."""
+    def on_train_start(self) -> None:
+        """Check the training image files before the first batch is read."""
+        super().on_train_start()
+        self._check_image_files(self.trainer.train_dataloader, "training")
+
+    def on_validation_start(self) -> None:
+        """Check the validation image files, then fit the Gaussians if that has not happened yet."""
+        self._check_image_files(self.trainer.val_dataloaders, "validation")
+        super().on_validation_start()
+
+    def on_test_start(self) -> None:
+        """Check the test image files before the first batch is read."""
+        super().on_test_start()
+        self._check_image_files(self.trainer.test_dataloaders, "test")
+
+    def on_predict_start(self) -> None:
+        """Check the image files to predict before the first batch is read."""
+        super().on_predict_start()
+        self._check_image_files(self.trainer.predict_dataloaders, "prediction")
+
+    @staticmethod
+    def _check_image_files(loaders: object, purpose: str) -> None:
+        """Fail early, naming the files, on images anomalib cannot read or would read wrongly (16-bit)."""
+        for dataset in loader_datasets(loaders):
+            check_image_files(dataset_image_paths(dataset), purpose)
+
+    def on_train_epoch_start(self) -> None:
+        """Start a fit from scratch: count this process's samples anew and forget earlier statistics.
+
+        Fitting an already fitted model (a second ``engine.fit``) must fit the new
+        data, so the fitted flag is cleared here; otherwise the memory-bank hooks
+        would skip :meth:`fit` and keep the old Gaussians without a word.
+        """
+        super().on_train_epoch_start()
+        self._train_samples_seen = 0
+        self.model.gaussian.reset_statistics()
+        self._is_fitted = torch.tensor([False], device=self.device)
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor:  # noqa: ARG002 (Lightning signature)
+        """Add the batch's patch embeddings to the running Gaussian statistics (NaN/Inf features are refused).
+
+        Returns a constant placeholder loss, connected to no parameter. Lightning
+        needs a step output under distributed strategies, and its optimisation loop
+        (with its mock optimizer, as nothing is optimised) is what advances the
+        global step that anomalib's checkpoint callback waits for before saving.
+        """
         embedding = self.model.extract_embedding(batch.image)
+        self.model.raise_if_non_finite(embedding, batch.image)
         keep = self._not_padding(embedding.shape[0])
         self.model.gaussian.update(embedding if keep is None else embedding[keep])
+        return torch.zeros((), device=self.device, requires_grad=True)
 
     def _not_padding(self, batch_size: int) -> torch.Tensor | None:
         """Mask of the samples that are not DistributedSampler padding, or None when nothing is padded.
@@ -189,9 +245,20 @@ class ConTNetPaDiM(MemoryBankMixin, AnomalibModule):
         return None if bool(keep.all()) else keep.to(self.device)
 
     def fit(self) -> None:
-        """Turn the statistics of all training batches (of all processes) into the Gaussians."""
-        logger.info("Fitting per-position Gaussians on %d training images.", self.model.gaussian.count)
-        self.model.gaussian.fit()
+        """Turn the statistics of all training batches (of all processes) into the Gaussians.
+
+        The memory-bank hooks also call this before validation. Outside training,
+        with no statistics, a fitted Gaussian (set up by hand) is kept, and an
+        unfitted one is reported as such rather than as an empty training set.
+        """
+        gaussian = self.model.gaussian
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if gaussian.count == 0 and not fitting:
+            if gaussian.is_fitted:
+                return
+            raise NotFittedError(self.model.not_fitted_message())
+        logger.info("Fitting per-position Gaussians on %d training images.", gaussian.count)
+        gaussian.fit()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ARG002
         """Predict the validation batch (used by the post-processor to learn thresholds)."""
@@ -204,12 +271,60 @@ class ConTNetPaDiM(MemoryBankMixin, AnomalibModule):
         checkpoint[FORMAT_KEY] = CHECKPOINT_FORMAT_VERSION
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints written by a newer, incompatible anomalib-contnet."""
-        version = checkpoint.get(FORMAT_KEY, CHECKPOINT_FORMAT_VERSION)
-        if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
-            msg = (
-                f"this checkpoint was written by a newer anomalib-contnet (format {version!r}; this version reads "
-                f"up to {CHECKPOINT_FORMAT_VERSION}). Upgrade anomalib-contnet: pip install -U anomalib-contnet"
-            )
-            raise ValueError(msg)
+        """Refuse, with the reason, checkpoints that are not ConTNetPaDiM's, newer, of other settings, or damaged.
+
+        Runs for ``load_from_checkpoint`` and for ``engine.*(ckpt_path=...)``, before
+        any state is loaded, so a refused checkpoint leaves the model as it was.
+        """
+        check_checkpoint_format(checkpoint, "this checkpoint")
+        check_checkpoint_state(checkpoint, self, "this checkpoint")
         super().on_load_checkpoint(checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path | IO,
+        map_location: Any = None,  # torch.load map_location: a device, string, dict or callable
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> ConTNetPaDiM:
+        """Load a trained model; unreadable files and other models' checkpoints are refused before anything is built.
+
+        Building first would run the constructor with another model's settings
+        (for anomalib's Padim: a timm backbone, possibly downloading its weights)
+        and then fail on the state with a long list of keys. Local files are
+        therefore inspected first (memory-mapped, so the second read by Lightning
+        costs little); file objects and URLs go straight to Lightning, and
+        :meth:`on_load_checkpoint` still checks them.
+
+        The checkpoint holds the backbone weights, so the ImageNet file is not
+        looked up (``pre_trained=False`` unless passed): a trained model loads on a
+        machine that never had the ConTNet-B download.
+        """
+        kwargs.setdefault("pre_trained", False)
+        if isinstance(checkpoint_path, str | os.PathLike) and "://" not in str(checkpoint_path):
+            checkpoint = read_checkpoint(checkpoint_path, cls.checkpoint_safe_globals())
+            check_checkpoint_format(checkpoint, str(checkpoint_path))
+            if hparams_file is None and not isinstance(checkpoint.get("hyper_parameters"), dict):
+                msg = (
+                    f"{checkpoint_path} has no hyper_parameters, so the model it holds cannot be rebuilt; "
+                    "pass hparams_file=<the run's hparams.yaml>"
+                )
+                raise ValueError(msg)
+            del checkpoint
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=weights_only,
+            **kwargs,
+        )
+
+    def to_torch(self, *args: Any, **kwargs: Any) -> Path:
+        """Export as a pickled module, refusing an unfitted model (it could only raise NotFittedError later)."""
+        if not self.model.gaussian.is_fitted:
+            raise NotFittedError(self.model.not_fitted_message())
+        return super().to_torch(*args, **kwargs)

