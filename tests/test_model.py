@@ -188,7 +188,7 @@ def test_loading_a_checkpoint_needs_no_imagenet_weights(trained_model, tmp_path,
 
 
 def test_training_through_the_engine_writes_a_checkpoint(tiny_mvtec, tmp_path) -> None:
-    """anomalib's checkpoint callback saves only once the global step advances; the fit must advance it."""
+    """Anomalib's checkpoint callback saves only once the global step advances; the fit must advance it."""
     from anomalib.data import MVTecAD  # noqa: PLC0415
     from anomalib.engine import Engine  # noqa: PLC0415
 
