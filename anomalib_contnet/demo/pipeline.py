@@ -218,7 +218,6 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> DemoRe
             )
         with clock.step("training ConTNetPaDiM (one pass; thresholds from the validation pass)"):
             model, engine, datamodule = _train(options, choice, subset, staging)
-            # Written explicitly: the Engine's checkpoint callback skips models that never step an optimiser.
             engine.trainer.save_checkpoint(staging / CHECKPOINT_NAME)
         with clock.step("testing with anomalib's Engine.test"):
             engine_metrics = {
@@ -277,7 +276,8 @@ def _check_options(options: DemoOptions) -> None:
 
 def _train(options: DemoOptions, choice: BackboneChoice, subset: CategorySubset, staging: Path) -> tuple[Any, Any, Any]:
     """Fit ConTNetPaDiM through anomalib's Engine; the validation pass (the test images) sets the thresholds."""
-    from anomalib.data import MVTecAD  # noqa: PLC0415  (heavy imports only once the demo really runs)
+    from anomalib.callbacks import ModelCheckpoint  # noqa: PLC0415  (heavy imports only once the demo really runs)
+    from anomalib.data import MVTecAD  # noqa: PLC0415
     from anomalib.engine import Engine  # noqa: PLC0415
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
@@ -303,7 +303,14 @@ def _train(options: DemoOptions, choice: BackboneChoice, subset: CategorySubset,
         eval_batch_size=options.batch_size,
         num_workers=0,
     )
-    engine = Engine(default_root_dir=staging / ENGINE_FOLDER, enable_progress_bar=False, logger=False)
+    # save_top_k=0 replaces the Engine's checkpoint callback, whose file lands in a versioned run folder:
+    # the demo writes the one checkpoint itself, at a fixed place in the report folder.
+    engine = Engine(
+        default_root_dir=staging / ENGINE_FOLDER,
+        callbacks=[ModelCheckpoint(dirpath=staging / ENGINE_FOLDER, save_top_k=0)],
+        enable_progress_bar=False,
+        logger=False,
+    )
     engine.fit(model=model, datamodule=datamodule)
     return model, engine, datamodule
 
@@ -368,8 +375,9 @@ def _predict_samples(
     """Run the exported model on a few test images: a third normal, the rest one per defect type in turn."""
     from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
 
+    model_xml = model_xml.resolve()  # before changing directory
     with tempfile.TemporaryDirectory(prefix="anomalib_contnet_demo_ov_") as scratch, _working_directory(Path(scratch)):
-        inferencer = OpenVINOInferencer(path=model_xml.resolve(), device="CPU", config=OPENVINO_CONFIG)
+        inferencer = OpenVINOInferencer(path=model_xml, device="CPU", config=OPENVINO_CONFIG)
     chosen = _sample_images(subset, options.n_samples, options.seed)
     samples, elapsed = [], 0.0
     for image_path in chosen:
