@@ -1,4 +1,4 @@
-"""``anomalib-contnet``: preparation tasks that anomalib's own CLI does not cover.
+"""``anomalib-contnet``: the tasks around the model that anomalib's own CLI does not cover.
 
 Each command group lives next to the code it drives and contributes its
 sub-parser through a ``register(subparsers)`` function; this module only
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Assemble the parser from every command group."""
     parser = argparse.ArgumentParser(
         prog="anomalib-contnet",
-        description="Prepare weights and data for the ConTNetPaDiM anomalib plugin.",
+        description="Weights, offline data, side-by-side benchmark and demo for the ConTNetPaDiM anomalib plugin.",
     )
     groups = parser.add_subparsers(dest="group", required=True, metavar="{weights,data,benchmark,demo}")
     weights_cli.register(groups)
