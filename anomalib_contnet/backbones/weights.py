@@ -47,6 +47,7 @@ from anomalib_contnet.backbones.contnet import (
     create_contnet,
     unwrap_checkpoint,
 )
+from anomalib_contnet.fileio import file_sha256
 
 try:  # POSIX only; elsewhere unique temp names plus atomic rename still keep files intact.
     import fcntl
@@ -153,15 +154,6 @@ def offline_reason() -> str | None:
         if value.strip().lower() in _TRUE_VALUES:
             return f"{variable}={value}"
     return None
-
-
-def file_sha256(path: Path | str) -> str:
-    """Hex SHA-256 of a file, read in chunks so large checkpoints need little memory."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        while chunk := stream.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _normalise_sha256(sha256: str | None) -> str | None:

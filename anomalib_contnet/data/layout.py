@@ -21,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from anomalib_contnet.fileio import file_sha256
+
 __all__ = [
     "FORMAT_VERSION",
     "GENERATOR",
@@ -99,7 +101,7 @@ def check_replaceable(target: Path) -> None:
             "refusing to overwrite them. Move them elsewhere, or choose another --root."
         )
         raise DatasetPrepareError(msg)
-    edited = sorted(name for name in on_disk & set(listed) if _sha256_of_file(target / name) != listed[name])
+    edited = sorted(name for name in on_disk & set(listed) if file_sha256(target / name) != listed[name])
     if edited:
         msg = (
             f"{len(edited)} file(s) in {target} changed since this tool wrote them (e.g. {edited[:3]}); "
@@ -178,11 +180,3 @@ class CategoryWriter:
     def _complete(self) -> bool:
         """Whether every file the manifest lists is present in the target (hashes were checked already)."""
         return all((self.target / name).is_file() for name in self._hashes)
-
-
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -19,7 +19,6 @@ new folder per export rather than re-exporting under a running service.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ from typing import Any
 
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.models.components.base.export_mixin import ExportMixin
+
+from anomalib_contnet.fileio import file_sha256
 
 __all__ = [
     "INT8_PTQ_REFUSAL",
@@ -58,7 +59,6 @@ torch's exporter implements opset 18 and newer only. anomalib asks for 14, so to
 exports at 18 and then tries to convert down, which fails on ``Pad`` and keeps 18
 after logging a long traceback. Asking for 18 gives the same model without that noise.
 """
-_HASH_CHUNK = 16 * 1024 * 1024
 INT8_PTQ_REFUSAL = (
     "compression_type INT8_PTQ is refused for this model: 8-bit activations perturb the patch features, the "
     "Mahalanobis distance amplifies that noise (up to 1/sqrt(epsilon) = 10x in directions the training images do "
@@ -71,15 +71,6 @@ INT8_PTQ_REFUSAL = (
 def export_folder(export_root: Path | str, export_type: ExportType | str) -> Path:
     """The folder that anomalib's exporters fill: ``<export_root>/weights/<type>``."""
     return Path(export_root) / "weights" / ExportType(export_type).value
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in chunks so that multi-gigabyte weight files need little memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: Path, export_type: ExportType | str) -> Path:

@@ -28,7 +28,6 @@ architecture, and keeping it apart means no other program mistakes it for the or
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -41,6 +40,7 @@ from safetensors.torch import save as safetensors_bytes
 from timm.models import get_pretrained_cfg
 
 from anomalib_contnet.backbones.weights import cache_dir
+from anomalib_contnet.fileio import file_sha256
 
 __all__ = [
     "EFFICIENTNET_LITE0_STAGE_DEPTHS",
@@ -125,7 +125,7 @@ def source_weights_path() -> Path:
         msg = f"{SOURCE_PACKAGE} is installed but its weight file {path} is missing; reinstall the package"
         raise WeightConversionError(msg)
     expected_prefix = path.stem.rsplit("-", 1)[-1]
-    actual = _sha256_of_file(path)
+    actual = file_sha256(path)
     if not actual.startswith(expected_prefix):
         msg = (
             f"{path} has sha256 {actual[:16]}..., but its name promises a hash starting with {expected_prefix}; "
@@ -283,7 +283,7 @@ def prepare_offline_efficientnet_lite0(cache_root: Path | str | None = None) -> 
     weights_file = write_converted_weights(root)
     hf_hub_id = _timm_default_hub_id()
     hub_cache = root / "hf_hub"
-    digest = _sha256_of_file(weights_file)
+    digest = file_sha256(weights_file)
     revision = digest[:40]
     repository = hub_cache / ("models--" + hf_hub_id.replace("/", "--"))
     blob = repository / "blobs" / digest
@@ -319,14 +319,6 @@ def _timm_default_hub_id() -> str:
 def _cache_root(cache_root: Path | str | None) -> Path:
     """The folder to write into: the caller's, else the package cache (``$ANOMALIB_CONTNET_CACHE``, XDG, ~/.cache)."""
     return Path(cache_root).expanduser() if cache_root is not None else cache_dir()
-
-
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_if_changed(target: Path, payload: bytes) -> None:
