@@ -77,6 +77,27 @@ def matmul_rate(dtype: torch.dtype, size: int = 2048, rounds: int = 5) -> float:
     return 2 * size**3 / min(seconds) / 1e9
 
 
+def openvino_matmul_rate(precision: str, threads: int, size: int = 2048, rounds: int = 5) -> float:
+    """Best GFLOP/s of a square product in OpenVINO's CPU plugin (oneDNN kernels), precision ``f32`` or ``bf16``.
+
+    torch's float32 product goes through MKL, which on some CPUs (AMD here) runs
+    far below the rate oneDNN reaches; the machine's rate is the better of the two.
+    """
+    import numpy as np  # noqa: PLC0415  (only this measurement needs OpenVINO and NumPy)
+    import openvino as ov  # noqa: PLC0415
+    import openvino.opset13 as ops  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    left = ops.parameter([size, size], np.float32)
+    right = ops.constant(rng.standard_normal((size, size), dtype=np.float32))
+    model = ov.Model([ops.matmul(left, right, False, False)], [left])
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    values = rng.standard_normal((size, size), dtype=np.float32)
+    seconds = interleaved_timings({"matmul": lambda: request.infer([values])}, rounds)["matmul"]
+    return 2 * size**3 / min(seconds) / 1e9
+
+
 def memory_bandwidth(megabytes: int = 512, rounds: int = 5) -> dict[str, float]:
     """GB/s of a streaming read (sum) and a copy of a buffer far larger than any cache, best of ``rounds``."""
     source = torch.ones(megabytes * 2**20 // 4)

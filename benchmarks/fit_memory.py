@@ -17,6 +17,12 @@ sizes only: at N=300 it needs more memory than a shared 24 GB machine can spare
 (see ANOMALIB_NOTES.md), so that figure is extrapolated from the measured
 per-image slope, and the table says so.
 
+``--previous-gaussian FILE`` adds the statistics alone (no backbone in the
+process) for the current ``StreamingGaussian`` and for the class in FILE, for
+example the version before this optimisation, taken from git::
+
+    git show cab6a70:anomalib_contnet/models/contnet_padim/gaussian.py > /tmp/previous_gaussian.py
+
 The throughput part times, batch by batch on the same batches, the backbone
 alone (``extract_embedding``) against the training step (``extract_embedding``
 + ``update``), interleaved so that background load hits both, then the one-off
@@ -24,12 +30,13 @@ factorisation in ``fit()``.
 
 Run from the repository root (about 25 minutes on 2 busy cores; ``--quick`` for a smoke run)::
 
-    python benchmarks/fit_memory.py
+    python benchmarks/fit_memory.py --threads 1 --previous-gaussian /tmp/previous_gaussian.py
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -86,6 +93,30 @@ def _fit_contnet_padim(setting: dict[str, Any]) -> dict[str, Any]:
     return {"built_rss_mb": built_rss, "seconds": time.perf_counter() - start}
 
 
+def _fit_gaussian_alone(setting: dict[str, Any]) -> dict[str, Any]:
+    """Only the statistics, fed random (B, 1536, 7, 7) embeddings: the current class or one loaded from a file."""
+    if setting["source"] == "current":
+        from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian  # noqa: PLC0415
+
+        gaussian = StreamingGaussian()
+    else:
+        specification = importlib.util.spec_from_file_location("previous_gaussian", setting["source"])
+        module = importlib.util.module_from_spec(specification)
+        specification.loader.exec_module(module)
+        gaussian = module.StreamingGaussian()
+    built_rss = peak_rss_mb()
+    generator = torch.Generator().manual_seed(0)
+    update_seconds = 0.0
+    for first in range(0, setting["images"], BATCH):
+        embedding = torch.randn(min(BATCH, setting["images"] - first), 1536, 7, 7, generator=generator)
+        start = time.perf_counter()
+        gaussian.update(embedding)
+        update_seconds += time.perf_counter() - start
+    start = time.perf_counter()
+    gaussian.fit()
+    return {"built_rss_mb": built_rss, "update_s": update_seconds, "fit_s": time.perf_counter() - start}
+
+
 def _fit_padim(setting: dict[str, Any]) -> dict[str, Any]:
     from anomalib.models import Padim  # noqa: PLC0415
 
@@ -130,6 +161,8 @@ def child(setting: dict[str, Any]) -> None:
     apply_threads(setting.get("threads"))
     if setting["kind"] == "throughput":
         result = _throughput(setting)
+    elif setting["kind"] == "gaussian":
+        result = _fit_gaussian_alone(setting)
     elif setting["model"] == "padim":
         result = _fit_padim(setting)
     else:
@@ -159,6 +192,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings (contnet_ti, resnet18) for a smoke run")
     parser.add_argument("--throughput-images", type=int, default=64, help="images for the throughput part")
     parser.add_argument("--skip-memory", action="store_true", help="only the throughput part")
+    parser.add_argument("--previous-gaussian", type=Path, help="gaussian.py of an earlier version to compare with")
     add_threads_option(parser)
     args = parser.parse_args()
     if args.child:
@@ -184,6 +218,9 @@ def main() -> None:
         print("\n## Ratios\n")
         print_memory_ratios(results)
 
+    if args.previous_gaussian:
+        compare_with_previous(args.previous_gaussian.resolve(), args.threads)
+
     backbone = "contnet_ti" if args.quick else "contnet_b"
     images = 16 if args.quick else args.throughput_images
     setting = {"kind": "throughput", "backbone": backbone, "images": images, "threads": args.threads}
@@ -198,11 +235,37 @@ def main() -> None:
             [[images / result["backbone_s"], images / result["steps_s"], streaming, result["fit_s"], total]],
         )
     )
+    fit_images = result["fit_s"] / per_image
+    margin = 0.15 - (streaming - 1)
+    break_even = f"from about {fit_images / margin:.0f} training images on" if margin > 0 else "for no N"
     print(
-        f"\nfit() is a one-off cost worth {result['fit_s'] / per_image:.1f} images of backbone time; it stays below "
-        f"15 % of the backbone time from about {result['fit_s'] / per_image / 0.15:.0f} training images on "
-        f"(with this run's streaming overhead of {100 * (streaming - 1):.1f} %)."
+        f"\nfit() is a one-off cost worth {fit_images:.1f} images of backbone time. With this run's streaming "
+        f"overhead of {100 * (streaming - 1):.1f} %, the whole fit stays within 15 % of the backbone time {break_even} "
+        f"(time ratio = {streaming:.3f} + {fit_images:.1f} / N)."
     )
+
+
+def compare_with_previous(previous: Path, threads: int | None) -> None:
+    """Statistics alone, current class vs the one in ``previous``, at N=50 and N=1000 (fresh process per row)."""
+    rows = []
+    for source in ("current", str(previous)):
+        for count in (50, 1000):
+            setting = {"kind": "gaussian", "source": source, "images": count, "threads": threads}
+            result = run_child(SCRIPT, setting)
+            label = "current" if source == "current" else f"previous ({previous.name})"
+            rows.append(
+                [
+                    label,
+                    count,
+                    result["built_rss_mb"],
+                    result["peak_rss_mb"],
+                    1e3 * result["update_s"] / count,
+                    result["fit_s"],
+                ]
+            )
+    print("\n## Gaussian statistics alone, 1536 dims, 7x7 positions, batch 8 (fresh process per row)\n")
+    headers = ["version", "N", "RSS before MB", "peak RSS MB", "update ms/image", "fit() s"]
+    print(markdown_table(headers, rows))
 
 
 def print_memory_ratios(results: dict[tuple, dict[str, Any]]) -> None:

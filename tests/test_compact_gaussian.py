@@ -145,3 +145,30 @@ def test_export_stores_the_packed_factor_once_and_computes_the_same(factor_dtype
     assert stored["precision_factor"] == np.dtype(factor_dtype)
     total = sum(np.prod(init.dims) * stored[init.name].itemsize for init in initializers)
     assert factor_bytes <= total < 1.1 * factor_bytes
+
+
+def test_predictions_follow_every_refit_of_a_float16_factor() -> None:
+    """The widened copy made for eager calls never outlives the factor it was made from."""
+    generator = torch.Generator().manual_seed(9)
+    batches = [torch.randn(12, 20, 2, 2, generator=generator) * (1 + index) for index in range(3)]
+    test = torch.randn(4, 20, 2, 2, generator=generator)
+    gaussian = StreamingGaussian(factor_dtype="float16")
+    for index, batch in enumerate(batches):
+        gaussian.update(batch)
+        gaussian.fit()
+        if index != 1:  # two refits in a row without a prediction in between, then one after the next
+            fresh = StreamingGaussian(factor_dtype="float16")
+            fresh.update(batch)
+            fresh.fit()
+            torch.testing.assert_close(gaussian(test), fresh(test), rtol=0, atol=0)
+
+
+def test_lightning_model_stores_a_float16_factor_on_request() -> None:
+    from anomalib_contnet import ConTNetPaDiM  # noqa: PLC0415
+
+    model = ConTNetPaDiM(backbone="contnet_ti", pre_trained=False, factor_dtype="float16")
+    features = model.model.extract_embedding(torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    model.model.gaussian.update(features)
+    model.model.gaussian.fit()
+    assert model.hparams["factor_dtype"] == "float16"
+    assert model.model.gaussian.state_dict()["precision_factor"].dtype == torch.float16

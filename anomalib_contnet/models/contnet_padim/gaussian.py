@@ -17,16 +17,18 @@ decomposition per position). The squared Mahalanobis distance is then
 
 ``F`` is stored packed (see :func:`pack_factor`): column block ``j`` of ``F`` has
 non-zeros only in the rows above its last column, so only those rows are kept,
-one slab per block. That halves storage and the bytes read per prediction (the
-Mahalanobis step reads the whole factor for every batch and is memory-bound), and
-each slab is used as it is by one batched matrix product, in the exported graph
-too: nothing is unpacked, so no second copy of the factor appears anywhere.
-``factor_dtype="float16"`` halves it again; the slabs are widened to float32
-just before their product, so arithmetic stays float32.
+one slab per block. That keeps 54 % of the full matrices at 1536 dimensions, in
+storage and in the bytes read per prediction (the Mahalanobis step reads the whole
+factor for every batch and is memory-bound), and each slab is used as it is by one
+batched matrix product, in the exported graph too: nothing is unpacked, so no
+second copy of the factor appears anywhere. ``factor_dtype="float16"`` halves the
+stored bytes again; the factor is widened to float32 before use (see
+:meth:`StreamingGaussian._compute_factor`), so arithmetic stays float32.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -134,7 +136,7 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         self.mean: torch.Tensor
         self.precision_factor: torch.Tensor
         self._widened_factor: torch.Tensor | None = None
-        self._widened_key: tuple[Any, ...] | None = None
+        self._widened_from: tuple[weakref.ref, int] | None = None
         self.reset_statistics()
 
     # ----------------------------------------------------------------- fitting
@@ -355,25 +357,26 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         A float16 factor is widened once and the copy is kept for later eager
         calls (the Mahalanobis step is memory-bound, and widening on every call
         would read and write more bytes than the float32 product saves). Under
-        ``torch.export`` the stored tensor is widened inside the graph, whole and
-        before any slicing: a float16 constant feeding a conversion straight away
-        is the pattern OpenVINO keeps compressed in its IR (a slice in between
-        made it fold the slabs into float32 constants, doubling the file).
+        ``torch.export`` the stored tensor is widened inside the graph (one cast
+        of the whole tensor), so an ONNX file holds the float16 values and not the
+        copy. (OpenVINO's ONNX front end folds that cast into a float32 constant;
+        docs/performance.md has the sizes.)
         """
         stored = self.precision_factor
         if stored.dtype == self.mean.dtype or torch.compiler.is_compiling():
             return stored.to(self.mean.dtype)
-        # _version changes on in-place writes (load_state_dict copies into the same storage).
-        key = (stored.data_ptr(), stored._version, stored.device, stored.numel())
-        if self._widened_factor is None or self._widened_key != key:
+        # The copy is valid for this very tensor (a weak reference: a refit, load or .to() makes a new one)
+        # at this version (in-place writes, as load_state_dict does into the same storage, bump it).
+        source, version = self._widened_from if self._widened_from is not None else (None, None)
+        if self._widened_factor is None or source is None or source() is not stored or version != stored._version:
             self._widened_factor = None  # free the stale copy before making the new one
             self._widened_factor = stored.to(self.mean.dtype)
-            self._widened_key = key
+            self._widened_from = (weakref.ref(stored), stored._version)
         return self._widened_factor
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle (TorchInferencer, deepcopy) without the widened float32 copy of a float16 factor."""
-        return {**super().__getstate__(), "_widened_factor": None, "_widened_key": None}
+        return {**super().__getstate__(), "_widened_factor": None, "_widened_from": None}
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance (Eq. 3) of every patch of ``embedding`` (B, D, H, W) -> (B, 1, H, W).

@@ -37,8 +37,11 @@ __all__ = [
     "warn_each_time",
 ]
 
-CHECKPOINT_FORMAT_VERSION = 1
-"""Bumped whenever saved state changes meaning; checkpoints from a newer format are refused on load."""
+CHECKPOINT_FORMAT_VERSION = 2
+"""Bumped whenever saved state changes meaning; checkpoints from a newer format are refused on load.
+
+Version 2 stores the precision factor packed (1-D); version-1 checkpoints (full factor) are packed on load.
+"""
 
 FORMAT_KEY = "anomalib_contnet_format_version"
 """Top-level checkpoint key holding the format version; only ConTNetPaDiM checkpoints have it."""
