@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from anomalib_contnet import ConTNetPaDiMModel
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ANOMALIB_CONTNET_OFFLINE", "1")
 
@@ -208,3 +210,13 @@ def machine_summary() -> str:
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); Python {platform.python_version()}; "
         f"load average at start {os.getloadavg()[0]:.1f}"
     )
+
+
+def fitted_model(backbone: str, factor_dtype: str) -> ConTNetPaDiMModel:
+    """Model with random backbone weights and a Gaussian fitted on random embeddings of its shape (speed only)."""
+    model = ConTNetPaDiMModel(backbone=backbone, pre_trained=False, factor_dtype=factor_dtype).eval()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        model.gaussian.update(torch.randn(8, model.embedding_dim, 7, 7, generator=generator))
+    model.gaussian.fit()
+    return model

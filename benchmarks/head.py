@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: N812
 from _common import (
     add_threads_option,
     apply_threads,
+    fitted_model,
     interleaved_timings,
     machine_summary,
     markdown_table,
@@ -36,16 +37,6 @@ from anomalib.models.components.filters import GaussianBlur2d
 
 from anomalib_contnet import ConTNetPaDiMModel
 from anomalib_contnet.models.contnet_padim.gaussian import unpack_factor
-
-
-def fitted_model(backbone: str, factor_dtype: str) -> ConTNetPaDiMModel:
-    """The default model with random backbone weights and a Gaussian fitted on random embeddings of its shape."""
-    model = ConTNetPaDiMModel(backbone=backbone, pre_trained=False, factor_dtype=factor_dtype).eval()
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(8):
-        model.gaussian.update(torch.randn(8, model.embedding_dim, 7, 7, generator=generator))
-    model.gaussian.fit()
-    return model
 
 
 def head(model: ConTNetPaDiMModel, embedding: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:

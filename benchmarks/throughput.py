@@ -32,6 +32,7 @@ from _common import (
     add_threads_option,
     apply_threads,
     export_onnx,
+    fitted_model,
     interleaved_timings,
     machine_summary,
     markdown_table,
@@ -43,16 +44,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_contnet import ConTNetPaDiMModel
 from anomalib_contnet.backbones.contnet import contnet_flops_per_image
-
-
-def fitted_model(backbone: str, factor_dtype: str) -> ConTNetPaDiMModel:
-    """Model with random backbone weights and a Gaussian fitted on random embeddings of its shape (speed only)."""
-    model = ConTNetPaDiMModel(backbone=backbone, pre_trained=False, factor_dtype=factor_dtype).eval()
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(8):
-        model.gaussian.update(torch.randn(8, model.embedding_dim, 7, 7, generator=generator))
-    model.gaussian.fit()
-    return model
 
 
 def model_flops(model: ConTNetPaDiMModel, side: int) -> int:

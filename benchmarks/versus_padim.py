@@ -32,6 +32,7 @@ from _common import (
     add_threads_option,
     apply_threads,
     available_memory_gb,
+    fitted_model,
     interleaved_timings,
     machine_summary,
     markdown_table,
@@ -41,7 +42,6 @@ from _common import (
 from anomalib.models import Padim
 from fit_memory import SCRIPT as FIT_MEMORY_SCRIPT
 from fit_memory import WIDE_RESNET_NEEDS_GB
-from throughput import fitted_model
 
 SIDE = 224
 
