@@ -12,7 +12,6 @@ Layout follows timm's habits: every variant is one row of :data:`CONTNET_CFGS`,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -334,11 +333,6 @@ class ConTNet(nn.Module):
         widths.update({f"layer{i + 1}": self.config.inplanes * 2 ** (i + 1) for i in range(4)})
         return widths
 
-    @staticmethod
-    def stage_strides() -> dict[str, int]:
-        """Output stride of each stage relative to the input image."""
-        return {"layer0": 4, "layer1": 8, "layer2": 16, "layer3": 32, "layer4": 32}
-
     def _init_weights(self) -> None:
         """Initialise like the authors: Kaiming for convolutions, truncated normal for linear layers."""
         for module in self.modules():
@@ -537,11 +531,3 @@ def contnet_flops_per_image(
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.forward_stages(image, stages)
     return int(counter.get_total_flops())
-
-
-def output_shapes(model: ConTNet, side: int) -> dict[str, tuple[int, int, int]]:
-    """(C, H, W) of every stage for a square input of ``side`` pixels, without running the model."""
-    return {
-        name: (channels, math.ceil(side / model.stage_strides()[name]), math.ceil(side / model.stage_strides()[name]))
-        for name, channels in model.stage_channels.items()
-    }
