@@ -34,7 +34,7 @@ from anomalib_contnet.backbones.weights import (
     cache_dir,
     download,
     load_checkpoint_file,
-    load_pretrained,
+    pretrained_contnet,
     resolve_weights,
 )
 from anomalib_contnet.cli import main
@@ -52,10 +52,6 @@ def tiny_model(**changes: object) -> ConTNet:
 def outputs(model: ConTNet) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         return model.forward_stages(IMAGE)
-
-
-def snapshot(model: ConTNet) -> dict[str, torch.Tensor]:
-    return {key: value.clone() for key, value in model.state_dict().items()}
 
 
 def assert_same_state(model: ConTNet, reference: dict[str, torch.Tensor]) -> None:
@@ -431,24 +427,30 @@ def test_checkpoint_forms_round_trip(form: str, tmp_path: Path) -> None:
     source = tiny_model()
     path = tmp_path / "checkpoint.pth"
     torch.save(CHECKPOINT_FORMS[form](source.state_dict()), path)
-    target = tiny_model()
-    assert load_pretrained(target, "contnet_ti", path) is target
+    target = create_contnet("contnet_ti", weights=str(path), **TINY).eval()
     assert_same_state(target, source.state_dict())
     expected, actual = outputs(source), outputs(target)
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
 
 
 @pytest.mark.parametrize("avg_down_source", [False, True])
-def test_other_shortcut_spelling_loads(avg_down_source: bool, tmp_path: Path) -> None:
+def test_respelled_shortcut_builds_the_network_the_keys_name(avg_down_source: bool, tmp_path: Path) -> None:
+    """Renaming the shortcut keys makes it a checkpoint of the other network: it is built as that, never as the source.
+
+    The loader used to rename keys back into the source's spelling, which made
+    this file load into the source architecture and reproduce its outputs.
+    """
     mapping = shortcut_spellings()
     if avg_down_source:
         mapping = {new: old for old, new in mapping.items()}
     source = tiny_model(avg_down=avg_down_source)
     path = tmp_path / "respelled.pth"
     torch.save(rename_keys(source.state_dict(), mapping), path)
-    target = load_pretrained(tiny_model(avg_down=avg_down_source), "contnet_ti", path)
-    assert_same_state(target, source.state_dict())
-    assert torch.equal(target(IMAGE), source(IMAGE))
+    with pytest.raises(WeightsError, match=rf"avg_down={avg_down_source} asks for"):
+        create_contnet("contnet_ti", weights=str(path), avg_down=avg_down_source, **TINY)
+    target = create_contnet("contnet_ti", weights=str(path), **TINY).eval()
+    assert target.config.avg_down is not avg_down_source
+    assert not torch.allclose(outputs(target)["layer1"], outputs(source)["layer1"])
 
 
 @pytest.mark.parametrize("with_fc", [True, False])
@@ -457,7 +459,7 @@ def test_checkpoint_into_headless_model(with_fc: bool, tmp_path: Path) -> None:
     state = {key: value for key, value in source.state_dict().items() if with_fc or not key.startswith("fc.")}
     path = tmp_path / "weights.pth"
     torch.save({"model": state}, path)
-    target = load_pretrained(tiny_model(num_classes=0), "contnet_ti", path)
+    target = create_contnet("contnet_ti", weights=str(path), **(TINY | {"num_classes": 0})).eval()
     assert "fc.weight" not in target.state_dict()
     assert torch.equal(outputs(target)["layer4"], outputs(source)["layer4"])
 
@@ -466,7 +468,8 @@ def test_golden_state_dict_in_the_authors_training_form(tmp_path: Path) -> None:
     golden = torch.load(GOLDEN, weights_only=True)
     path = tmp_path / "checkpoint_bestTop1.pth"
     torch.save(CHECKPOINT_FORMS["authors_ddp_training"](golden["state_dict"]), path)
-    model = load_pretrained(ConTNet(ConTNetConfig(**golden["config"])), "contnet_m", path).eval()
+    model = create_contnet("contnet_m", weights=str(path), **golden["config"]).eval()
+    assert model.config == ConTNetConfig(**golden["config"])
     with torch.no_grad():
         logits = model(golden["input"])
     expected = golden["outputs"]["logits"]
@@ -477,60 +480,71 @@ def test_create_contnet_with_weights_and_sha256(ti_checkpoint: Path) -> None:
     digest = hashlib.sha256(ti_checkpoint.read_bytes()).hexdigest()
     model = create_contnet("contnet_ti", weights=str(ti_checkpoint))
     assert_same_state(model, torch.load(ti_checkpoint, weights_only=True))
-    assert load_pretrained(create_contnet("contnet_ti"), "contnet_ti", ti_checkpoint, sha256=digest.upper())
-    untouched = create_contnet("contnet_ti")
-    before = snapshot(untouched)
+    pinned = pretrained_contnet("contnet_ti", ti_checkpoint, sha256=digest.upper())
+    assert_same_state(pinned, model.state_dict())
     with pytest.raises(WeightsError, match=r"contnet_ti\.pth has SHA-256"):
-        load_pretrained(untouched, "contnet_ti", ti_checkpoint, sha256="f" * 64)
-    assert_same_state(untouched, before)
+        pretrained_contnet("contnet_ti", ti_checkpoint, sha256="f" * 64)
 
 
-def damaged(kind: str, folder: Path) -> tuple[Path, ConTNet, str]:
-    """Write one kind of bad checkpoint; returns the file, the model to load it into, and what the error must name."""
+def damaged(kind: str, folder: Path) -> tuple[Path, dict[str, object], str]:
+    """Write one kind of bad checkpoint; returns the file, the create_contnet overrides of the model, and the error."""
     path = folder / f"{kind}.pth"
     state = tiny_model().state_dict()
     if kind == "truncated":
         good = folder / "good.pth"
         torch.save(state, good)
         path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-        return path, tiny_model(), "not a readable PyTorch checkpoint"
+        return path, TINY, "not a readable PyTorch checkpoint"
     if kind == "other_variant":
         torch.save(create_contnet("contnet_s").state_dict(), path)  # S weights for a Ti model
-        return path, create_contnet("contnet_ti"), r"wrong shape: layer0\.conv\.conv\.weight \(64, 3, 7, 7\)"
+        return path, {}, r"wrong shape: layer0\.conv\.conv\.weight \(64, 3, 7, 7\)"
     if kind == "wrong_shape":
         state["layer2.ConTBlock0.ste1.attn.proj.weight"] = torch.zeros(3, 3)
         torch.save(state, path)
-        return path, tiny_model(), r"1 wrong shape: layer2\.ConTBlock0\.ste1\.attn\.proj\.weight"
+        return path, TINY, r"1 wrong shape: layer2\.ConTBlock0\.ste1\.attn\.proj\.weight"
     if kind in {"nan", "inf"}:
         state["layer3.ConTBlock0.ste2.mlp.fc1.weight"][0, 0] = float(kind)
         torch.save(state, path)
-        return path, tiny_model(), r"layer3\.ConTBlock0\.ste2\.mlp\.fc1\.weight holds 1 NaN/Inf"
+        return path, TINY, r"layer3\.ConTBlock0\.ste2\.mlp\.fc1\.weight holds 1 NaN/Inf"
     if kind == "missing_head":
         torch.save({key: value for key, value in state.items() if not key.startswith("fc.")}, path)
-        return path, tiny_model(), r"2 missing: fc\.weight, fc\.bias.*num_classes=0"
+        return path, TINY, r"2 missing: fc\.weight, fc\.bias.*num_classes=0"
+    if kind == "mixed_shortcuts":
+        first = next(iter(shortcut_spellings().items()))  # only stage 1 respelled as avg-down
+        torch.save(rename_keys(state, dict([first])), path)
+        return path, TINY, r"mixes both shortcut spellings \(layer1\.ConTBlock0\.downsample\.conv\.conv\.weight"
     if kind == "text":
         path.write_text("this is a README, not a checkpoint\n")
-        return path, tiny_model(), "not a readable PyTorch checkpoint"
+        return path, TINY, "not a readable PyTorch checkpoint"
     if kind == "tensor_only":
         torch.save(torch.zeros(3), path)
-        return path, tiny_model(), "holds a Tensor, not a checkpoint"
+        return path, TINY, "holds a Tensor, not a checkpoint"
     if kind == "not_tensors":
         torch.save({"model": {"layer0.conv.conv.weight": [1, 2, 3]}}, path)
-        return path, tiny_model(), "expected a tensor"
+        return path, TINY, "expected a tensor"
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize(
-    "kind",
-    ["truncated", "other_variant", "wrong_shape", "nan", "inf", "missing_head", "text", "tensor_only", "not_tensors"],
-)
-def test_bad_checkpoints_are_rejected_and_model_untouched(kind: str, tmp_path: Path) -> None:
-    path, model, detail = damaged(kind, tmp_path)
-    before = snapshot(model)
+DAMAGE_KINDS = [
+    "truncated",
+    "other_variant",
+    "wrong_shape",
+    "nan",
+    "inf",
+    "missing_head",
+    "mixed_shortcuts",
+    "text",
+    "tensor_only",
+    "not_tensors",
+]
+
+
+@pytest.mark.parametrize("kind", DAMAGE_KINDS)
+def test_bad_checkpoints_are_rejected_before_loading(kind: str, tmp_path: Path) -> None:
+    path, overrides, detail = damaged(kind, tmp_path)
     with pytest.raises(WeightsError, match=detail) as raised:
-        load_pretrained(model, "contnet_ti", path)
+        create_contnet("contnet_ti", weights=str(path), **overrides)
     assert str(path) in str(raised.value)
-    assert_same_state(model, before)
 
 
 def test_load_checkpoint_file_reads_on_cpu(ti_checkpoint: Path) -> None:

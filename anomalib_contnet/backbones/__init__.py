@@ -8,6 +8,7 @@ from anomalib_contnet.backbones.contnet import (
     checkpoint_filter_fn,
     create_contnet,
     list_contnet_variants,
+    shortcut_of_state_dict,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "checkpoint_filter_fn",
     "create_contnet",
     "list_contnet_variants",
+    "shortcut_of_state_dict",
 ]

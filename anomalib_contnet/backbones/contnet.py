@@ -7,11 +7,19 @@ strict key matching and give the published features.
 
 Layout follows timm's habits: every variant is one row of :data:`CONTNET_CFGS`,
 :func:`create_contnet` is the single place that builds a model, and
-:func:`checkpoint_filter_fn` adapts the checkpoint spellings seen in the wild.
+:func:`checkpoint_filter_fn` unwraps the checkpoint containers seen in the wild.
+
+The two shortcut options of the down-sampling blocks (a strided 1x1 convolution,
+or the authors' ``avg_down``: 2x2 average pooling, then a stride-1 1x1
+convolution) are two different networks whose checkpoints differ only in the
+spelling of three keys. Keys are therefore never renamed from one spelling into
+the other: :func:`shortcut_of_state_dict` reads which network a checkpoint is,
+and the network built for it is that one.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,6 +38,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "create_contnet",
     "list_contnet_variants",
+    "shortcut_of_state_dict",
 ]
 
 STAGE_NAMES: tuple[str, ...] = ("layer0", "layer1", "layer2", "layer3", "layer4")
@@ -41,6 +50,15 @@ INPUT_SIDE_MULTIPLE = 224
 STAGE_PATCH_SIZES: tuple[tuple[int, int], ...] = ((7, 14), (7, 14), (7, 14), (7, 7))
 """Patch sizes of the two encoders (``ste1``, ``ste2``) in every block of stages 1..4."""
 
+STAGE_STRIDES: tuple[int, ...] = (2, 2, 2, 1)
+"""Stride of the last (widening) block of stages 1..4; only stride-2 blocks differ between the two shortcuts."""
+
+SHORTCUT_LABELS: dict[bool, str] = {True: "avg-down", False: "strided"}
+"""Short names of the two down-sampling shortcuts, keyed by ``avg_down``, for messages and listings."""
+
+SHORTCUT_SPELLINGS: dict[bool, str] = {True: "downsample.conv.conv", False: "downsample.conv"}
+"""How each shortcut's 1x1 projection is spelled in the state_dict keys of the stride-2 blocks."""
+
 
 @dataclass(frozen=True)
 class ConTNetConfig:
@@ -48,6 +66,11 @@ class ConTNetConfig:
 
     Field names follow the authors' constructor so that a config dict saved by
     their code (for example the golden test file) can be passed as ``ConTNetConfig(**cfg)``.
+
+    ``avg_down`` picks the shortcut of the stride-2 blocks (last block of stages
+    1-3): False is a 1x1 convolution with stride 2 (keys ``downsample.conv.weight``),
+    True is 2x2 average pooling followed by a stride-1 1x1 convolution (keys
+    ``downsample.conv.conv.weight``). Same parameter shapes, different features.
     """
 
     inplanes: int
@@ -91,9 +114,21 @@ CONTNET_CFGS: dict[str, ConTNetConfig] = {
         head_num=(1, 2, 4, 8),
         dropout=(0.0, 0.0, 0.1, 0.1),
         last_dropout=0.2,
+        avg_down=True,
     ),
 }
-"""The four published variants, as in the ConTNet paper and code."""
+"""The four published variants, as in the ConTNet paper and code.
+
+``avg_down`` in each row is the architecture of the variant's published
+download, used when no checkpoint says otherwise (``pre_trained=False``, or an
+untrained model that will receive a checkpoint of that download later). The
+only stable download of ``contnet_b`` (okotaku/timmextension, ``w_contnet``) is
+loaded strictly there into an avg-down ConT-B, so it is spelled
+``downsample.conv.conv`` and is the avg-down network; ``contnet_m.pth`` is spelled
+``downsample.conv`` (that project renames it), so M defaults to the strided
+network its keys describe; Ti and S have no stable download and keep the
+authors' default (strided). When a checkpoint is loaded its own spelling decides.
+"""
 
 
 def list_contnet_variants() -> list[str]:
@@ -306,7 +341,7 @@ class ConTNet(nn.Module):
         self.layer0 = Stem(config.inplanes)
         for stage in range(4):
             planes = config.inplanes * 2**stage
-            stride = 2 if stage < 3 else 1
+            stride = STAGE_STRIDES[stage]
             blocks = [
                 ConTBlock(
                     planes,
@@ -383,32 +418,41 @@ class ConTNet(nn.Module):
         return sum(parameter.numel() for parameter in self.parameters())
 
 
-PLAIN_SHORTCUT_KEY = "downsample.conv.weight"
-AVG_DOWN_SHORTCUT_KEY = "downsample.conv.conv.weight"
+_SHORTCUT_KEY = re.compile(r"^layer(?P<stage>[1-4])\.ConTBlock\d+\.downsample\.conv\.(?P<pooled>conv\.)?weight$")
 
 
-def _match_shortcut_spelling(
-    state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]
-) -> dict[str, torch.Tensor]:
-    """Rename shortcut keys to the spelling ``expected`` uses (plain ``downsample.conv`` or avg-down).
+def shortcut_of_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool | None:
+    """Tell which shortcut network an (unwrapped) state_dict belongs to: the ``avg_down`` value to build.
 
-    Both layouts hold the same 1x1 projection weight; only the module path differs
-    (and only in the stride-2 blocks). A key is renamed only when the model knows
-    the other spelling and not this one, so nothing else can be renamed by accident.
+    True for the avg-down spelling (``downsample.conv.conv.weight``), False for
+    the strided one (``downsample.conv.weight`` in a stride-2 block), None when
+    no down-sampling shortcut key is present (a partial dict, e.g. only ``fc``).
+    Stage 4's stride-1 shortcut is spelled ``downsample.conv.weight`` in both
+    networks and says nothing.
+
+    Raises:
+        ValueError: when both spellings occur, which no ConTNet can hold.
     """
-    expected_keys = set(expected)
-    renamed: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key not in expected_keys:
-            alternative = None
-            if key.endswith(AVG_DOWN_SHORTCUT_KEY):
-                alternative = key.removesuffix(AVG_DOWN_SHORTCUT_KEY) + PLAIN_SHORTCUT_KEY
-            elif key.endswith(PLAIN_SHORTCUT_KEY):
-                alternative = key.removesuffix(PLAIN_SHORTCUT_KEY) + AVG_DOWN_SHORTCUT_KEY
-            if alternative in expected_keys:
-                key = alternative
-        renamed[key] = value
-    return renamed
+    spelled: dict[bool, list[str]] = {True: [], False: []}
+    for key in state_dict:
+        match = _SHORTCUT_KEY.match(key)
+        if match is None:
+            continue
+        pooled = match["pooled"] is not None
+        if pooled or STAGE_STRIDES[int(match["stage"]) - 1] > 1:
+            spelled[pooled].append(key)
+    if spelled[True] and spelled[False]:
+        msg = (
+            f"the checkpoint mixes both shortcut spellings ({spelled[True][0]}: avg-down, "
+            f"{spelled[False][0]}: strided); they belong to two different networks, so no ConTNet can load it. "
+            f"The file was edited or assembled from two models: use an original checkpoint."
+        )
+        raise ValueError(msg)
+    if spelled[True]:
+        return True
+    if spelled[False]:
+        return False
+    return None
 
 
 def unwrap_checkpoint(checkpoint: Any) -> dict[str, torch.Tensor]:
@@ -437,8 +481,13 @@ def unwrap_checkpoint(checkpoint: Any) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_filter_fn(checkpoint: Any, model: ConTNet) -> dict[str, torch.Tensor]:
-    """Adapt a published checkpoint to ``model``: unwrap, fix shortcut spelling, drop an unused head."""
-    state_dict = _match_shortcut_spelling(unwrap_checkpoint(checkpoint), model.state_dict().keys())
+    """Adapt a published checkpoint to ``model``: unwrap it and drop a head the model does not have.
+
+    Shortcut keys are left as spelled: the two spellings are two networks (see
+    :func:`shortcut_of_state_dict`), so a model of the other shortcut must fail
+    validation rather than load weights it would run differently.
+    """
+    state_dict = unwrap_checkpoint(checkpoint)
     if not model.config.num_classes:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
     return state_dict
@@ -490,7 +539,7 @@ def create_contnet(
     pretrained: bool = False,
     weights: str | None = None,
     *,
-    avg_down: bool = False,
+    avg_down: bool | None = None,
     num_classes: int = 1000,
     **overrides: Any,
 ) -> ConTNet:
@@ -501,7 +550,10 @@ def create_contnet(
         pretrained: load ImageNet weights, found as described in
             :func:`anomalib_contnet.backbones.weights.resolve_weights`.
         weights: path or URL of a checkpoint; implies ``pretrained``.
-        avg_down: use the average-pool shortcut (the authors' ``avg_down`` option).
+        avg_down: shortcut of the stride-2 blocks (see :class:`ConTNetConfig`). None follows the
+            checkpoint when weights are loaded, else the variant's row of :data:`CONTNET_CFGS`
+            (the architecture of its published download). An explicit value that contradicts the
+            checkpoint is refused: the two shortcuts compute different features.
         num_classes: classifier size; 0 builds the model without ``fc``.
         **overrides: any other :class:`ConTNetConfig` field (for experiments).
 
@@ -512,13 +564,14 @@ def create_contnet(
     if name not in CONTNET_CFGS:
         msg = f"unknown ConTNet variant {name!r}; choose one of {list_contnet_variants()}"
         raise ValueError(msg)
-    config_fields = asdict(CONTNET_CFGS[name]) | overrides | {"avg_down": avg_down, "num_classes": num_classes}
-    model = ConTNet(ConTNetConfig(**config_fields))
     if pretrained or weights is not None:
-        from anomalib_contnet.backbones.weights import load_pretrained  # noqa: PLC0415  (weights imports this module)
+        from anomalib_contnet.backbones.weights import pretrained_contnet  # noqa: PLC0415  (weights imports this module)
 
-        load_pretrained(model, name, weights)
-    return model
+        return pretrained_contnet(name, weights, avg_down=avg_down, num_classes=num_classes, **overrides)
+    config_fields = asdict(CONTNET_CFGS[name]) | overrides | {"num_classes": num_classes}
+    if avg_down is not None:
+        config_fields["avg_down"] = avg_down
+    return ConTNet(ConTNetConfig(**config_fields))
 
 
 def contnet_flops_per_image(

@@ -18,6 +18,11 @@ once a source is named):
 Everything written into the cache goes to a unique temporary file in the cache
 folder first and is renamed into place only once complete and verified, so a
 cut transfer or a concurrent download can never leave a partial file behind.
+
+Whichever source a checkpoint comes from, the network built for it is the one
+its keys describe (strided or avg-down shortcut, see
+:func:`~anomalib_contnet.backbones.contnet.shortcut_of_state_dict`): the file is
+read first, then the matching architecture is built, validated and loaded.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import logging
 import os
 import shutil
 import sys
@@ -41,10 +47,14 @@ import torch
 
 from anomalib_contnet.backbones.contnet import (
     CONTNET_CFGS,
+    SHORTCUT_LABELS,
+    SHORTCUT_SPELLINGS,
     ConTNet,
+    ConTNetConfig,
     checkpoint_filter_fn,
     compare_state_dict,
     create_contnet,
+    shortcut_of_state_dict,
     unwrap_checkpoint,
 )
 from anomalib_contnet.fileio import file_sha256
@@ -69,12 +79,15 @@ __all__ = [
     "file_sha256",
     "import_weights",
     "load_checkpoint_file",
-    "load_pretrained",
     "offline_reason",
+    "pretrained_contnet",
     "published_weights",
     "resolve_weights",
+    "shortcut_of_file",
     "validated_state_dict",
 ]
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "ANOMALIB_CONTNET_WEIGHTS"
 """A checkpoint file, or a folder holding ``<variant>.pth`` files; overrides the cache."""
@@ -445,18 +458,50 @@ def load_checkpoint_file(path: Path | str) -> dict[str, Any]:
     return dict(checkpoint)
 
 
+def _unwrapped(checkpoint: Mapping[str, Any], path: Path | str) -> dict[str, torch.Tensor]:
+    """The checkpoint's state_dict; a file that holds none raises WeightsError naming it."""
+    try:
+        return unwrap_checkpoint(checkpoint)
+    except TypeError as error:
+        msg = f"{path}: {error}"
+        raise WeightsError(msg) from error
+
+
+def _spelled_shortcut(state_dict: Mapping[str, torch.Tensor], path: Path | str) -> bool | None:
+    """:func:`shortcut_of_state_dict` with errors naming ``path``."""
+    try:
+        return shortcut_of_state_dict(state_dict)
+    except ValueError as error:
+        msg = f"{path}: {error}"
+        raise WeightsError(msg) from error
+
+
+def shortcut_of_file(path: Path | str) -> bool | None:
+    """Read checkpoint ``path`` and tell which shortcut network it holds (True: avg-down, None: no shortcut keys)."""
+    return _spelled_shortcut(_unwrapped(load_checkpoint_file(path), path), path)
+
+
 def validated_state_dict(model: ConTNet, checkpoint: Mapping[str, Any], path: Path | str) -> dict[str, torch.Tensor]:
     """Adapt ``checkpoint`` to ``model`` and check every key, shape, dtype kind and value before anything is loaded.
 
     Raises:
         WeightsError: naming ``path`` and listing what does not fit, so a wrong
-            variant or a damaged file is never loaded halfway.
+            variant, the other shortcut network or a damaged file is never loaded halfway.
     """
     try:
         state_dict = checkpoint_filter_fn(checkpoint, model)
     except TypeError as error:
         msg = f"{path}: {error}"
         raise WeightsError(msg) from error
+    spelled = _spelled_shortcut(state_dict, path)
+    if spelled is not None and spelled != model.config.avg_down:
+        msg = (
+            f"{path} holds the {SHORTCUT_LABELS[spelled]} ConTNet (keys {SHORTCUT_SPELLINGS[spelled]}.weight), "
+            f"but this model has the {SHORTCUT_LABELS[model.config.avg_down]} shortcut: these are different networks "
+            f"and renaming the keys would compute other features. Build it with avg_down={spelled} "
+            f"(or avg_down=None to follow the file)."
+        )
+        raise WeightsError(msg)
     mismatch = compare_state_dict(model, state_dict)
     if mismatch:
         config = model.config
@@ -478,36 +523,72 @@ def validated_state_dict(model: ConTNet, checkpoint: Mapping[str, Any], path: Pa
     return state_dict
 
 
-def load_pretrained(
-    model: ConTNet, name: str, weights: str | os.PathLike[str] | None = None, sha256: str | None = None
-) -> ConTNet:
-    """Resolve, read, validate and then load the checkpoint of ``name`` into ``model`` (returned).
+def _shortcut_to_build(spelled: bool | None, requested: bool | None, path: Path | str) -> bool | None:
+    """The ``avg_down`` to build for a checkpoint spelled ``spelled``; an explicit request may not contradict it."""
+    if spelled is not None and requested is not None and spelled != requested:
+        msg = (
+            f"avg_down={requested} asks for the {SHORTCUT_LABELS[requested]} shortcut, but {path} holds the "
+            f"{SHORTCUT_LABELS[spelled]} network (keys {SHORTCUT_SPELLINGS[spelled]}.weight): the two compute "
+            f"different features. Pass avg_down=None to build the network the file was trained as, "
+            f"or use a checkpoint of the {SHORTCUT_LABELS[requested]} network."
+        )
+        raise WeightsError(msg)
+    return requested if spelled is None else spelled
 
-    ``model`` is touched only after the whole checkpoint passed validation, so
-    on any WeightsError it keeps its previous parameters.
+
+def pretrained_contnet(
+    name: str,
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    avg_down: bool | None = None,
+    num_classes: int = 1000,
+    sha256: str | None = None,
+    **overrides: Any,
+) -> ConTNet:
+    """Build variant ``name`` as the network its checkpoint describes, and load that checkpoint strictly.
+
+    The file (found by :func:`resolve_weights`) is read first; its shortcut
+    spelling decides ``avg_down`` (an explicit, contradicting ``avg_down`` is
+    refused), then the whole state_dict is validated before it is loaded, and
+    the choice is logged. :func:`~anomalib_contnet.backbones.contnet.create_contnet`
+    with ``pretrained=True`` or ``weights=`` ends up here.
+
+    Raises:
+        WeightsError: no file, unreadable file, contradicting ``avg_down``, or a state_dict that does not fit.
     """
     path = resolve_weights(name, weights, sha256=sha256)
-    state_dict = validated_state_dict(model, load_checkpoint_file(path), path)
-    model.load_state_dict(state_dict, strict=True)
+    checkpoint = load_checkpoint_file(path)
+    spelled = _spelled_shortcut(_unwrapped(checkpoint, path), path)
+    built = _shortcut_to_build(spelled, avg_down, path)
+    model = create_contnet(name, avg_down=built, num_classes=num_classes, **overrides)
+    model.load_state_dict(validated_state_dict(model, checkpoint, path), strict=True)
+    shortcut = model.config.avg_down
+    logger.info(
+        "built %s with the %s shortcut: %s spells %s",
+        name,
+        SHORTCUT_LABELS[shortcut],
+        path,
+        SHORTCUT_SPELLINGS[shortcut],
+    )
     return model
 
 
-def check_checkpoint_file(name: str, path: Path | str) -> int:
-    """Check that ``path`` loads strictly into variant ``name``; returns the classifier size it was checked with.
+def check_checkpoint_file(name: str, path: Path | str) -> ConTNetConfig:
+    """Check that ``path`` loads strictly into variant ``name``; returns the architecture it was checked with.
 
-    A checkpoint with ``fc`` keys is checked against the 1000-class model, one
-    without against the headless model (``num_classes=0``).
+    The architecture is the one the file describes: with ``fc`` keys the
+    1000-class model, without them the headless model (``num_classes=0``); the
+    shortcut its keys spell. The check builds the model on the meta device, so
+    it costs no memory beyond the file itself.
     """
     published_weights(name)
     checkpoint = load_checkpoint_file(path)
-    try:
-        keys = unwrap_checkpoint(checkpoint).keys()
-    except TypeError as error:
-        msg = f"{path}: {error}"
-        raise WeightsError(msg) from error
-    num_classes = CONTNET_CFGS[name].num_classes if any(key.startswith("fc.") for key in keys) else 0
-    validated_state_dict(create_contnet(name, num_classes=num_classes), checkpoint, path)
-    return num_classes
+    state_dict = _unwrapped(checkpoint, path)
+    num_classes = CONTNET_CFGS[name].num_classes if any(key.startswith("fc.") for key in state_dict) else 0
+    with torch.device("meta"):
+        model = create_contnet(name, avg_down=_spelled_shortcut(state_dict, path), num_classes=num_classes)
+    validated_state_dict(model, checkpoint, path)
+    return model.config
 
 
 def import_weights(name: str, source: Path | str) -> Path:

@@ -3,7 +3,9 @@
 Inspection machines are usually offline, so the typical flow is ``weights
 download`` on a connected machine (or fetching the file by hand) and ``weights
 import`` on the target, which checks the file before it enters the cache.
-Failures print one line of advice on stderr and exit with status 2.
+Failures print one line of advice on stderr and exit with status 2. Every
+command says which shortcut network (strided or avg-down) a file holds, since
+that is the architecture it will be run as.
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from anomalib_contnet.backbones.contnet import create_contnet, list_contnet_variants
+from anomalib_contnet.backbones.contnet import (
+    CONTNET_CFGS,
+    SHORTCUT_LABELS,
+    SHORTCUT_SPELLINGS,
+    create_contnet,
+    list_contnet_variants,
+)
 from anomalib_contnet.backbones.weights import (
     WEIGHTS_ENV,
     WeightsError,
@@ -25,6 +34,8 @@ from anomalib_contnet.backbones.weights import (
     download_weights,
     import_weights,
     published_weights,
+    resolve_weights,
+    shortcut_of_file,
 )
 
 ERROR_EXIT_CODE = 2
@@ -52,6 +63,25 @@ def _parameter_count(name: str) -> int:
         return create_contnet(name).parameter_count()
 
 
+def _file_shortcut(path: Path) -> str:
+    """Which shortcut network ``path`` holds, read from its keys; what is wrong with it when that cannot be told."""
+    try:
+        avg_down = shortcut_of_file(path)
+    except WeightsError:
+        return "unreadable"
+    if avg_down is None:
+        return "no shortcut keys"
+    return f"{SHORTCUT_LABELS[avg_down]} ({SHORTCUT_SPELLINGS[avg_down]})"
+
+
+def _found_file(name: str) -> Path | None:
+    """The local file that loading ``name`` would use now, or None when it would need a download or fail."""
+    try:
+        return resolve_weights(name, download=False)
+    except WeightsError:
+        return None
+
+
 @_reporting_errors
 def _list(_args: argparse.Namespace) -> int:
     print(f"cache folder: {cache_dir()}")
@@ -59,11 +89,25 @@ def _list(_args: argparse.Namespace) -> int:
         print(f"{WEIGHTS_ENV}={override} (takes precedence over the cache)")
     for name in list_contnet_variants():
         entry = published_weights(name)
-        path = cached_weights_path(name)
-        state = "cached" if path.is_file() else "missing"
+        cached = cached_weights_path(name)
+        found = _found_file(name)
+        if found is None:
+            state, path = "missing", cached
+            shortcut = f"{SHORTCUT_LABELS[CONTNET_CFGS[name].avg_down]} (default)"
+        else:
+            state, path = ("cached" if found == cached else "found"), found
+            shortcut = _file_shortcut(found)
         url = entry.url or "(no stable URL: get it from the authors, then `weights import`)"
-        print(f"{name:<11} {_parameter_count(name):>11,} params  {state:<8} {path}  {url}")
+        print(f"{name:<11} {_parameter_count(name):>11,} params  {state:<8} {shortcut:<32} {path}  {url}")
     return 0
+
+
+def _shortcut_note(path: Path) -> str:
+    """``(avg-down shortcut: the file spells downsample.conv.conv)`` or the strided counterpart."""
+    avg_down = shortcut_of_file(path)
+    if avg_down is None:
+        return "(no down-sampling shortcut keys)"
+    return f"({SHORTCUT_LABELS[avg_down]} shortcut: the file spells {SHORTCUT_SPELLINGS[avg_down]})"
 
 
 @_reporting_errors
@@ -73,14 +117,14 @@ def _download(args: argparse.Namespace) -> int:
         print(f"{args.name} is already cached at {destination} (use --force to download it again)")
         return 0
     path = download_weights(args.name, args.url, args.sha256, force=args.force)
-    print(f"{args.name} weights saved to {path}")
+    print(f"{args.name} weights saved to {path} {_shortcut_note(path)}")
     return 0
 
 
 @_reporting_errors
 def _import(args: argparse.Namespace) -> int:
     path = import_weights(args.name, args.path)
-    print(f"{args.name} weights checked and stored at {path}")
+    print(f"{args.name} weights checked and stored at {path} {_shortcut_note(path)}")
     if os.environ.get(WEIGHTS_ENV):
         print(f"note: {WEIGHTS_ENV} is set and takes precedence over this file", file=sys.stderr)
     return 0
@@ -91,7 +135,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("weights", help="list, download and import ConTNet ImageNet checkpoints")
     commands = group.add_subparsers(dest="weights_command", required=True, metavar="{list,download,import}")
 
-    listing = commands.add_parser("list", help="show variants, parameter counts, cache state and download URLs")
+    listing = commands.add_parser(
+        "list", help="show variants, parameter counts, cache state, shortcut network and download URLs"
+    )
     listing.set_defaults(handler=_list)
 
     fetching = commands.add_parser("download", help="download a variant's checkpoint into the cache")
