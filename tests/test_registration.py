@@ -15,10 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "ANOMALIB_CONTNET_OFFLINE": "1", "COLUMNS": "200"}
 
 
-def run(command: list[str], cwd: Path, timeout: int = 600) -> str:
+def run(command: list[str], cwd: Path, timeout: int = 600, extra_env: dict[str, str] | None = None) -> str:
     """Run ``command``; return its standard output (warnings go to stderr), failing the test with both on error."""
+    environment = os.environ | OFFLINE | (extra_env or {})
     result = subprocess.run(
-        command, cwd=cwd, env=os.environ | OFFLINE, capture_output=True, text=True, timeout=timeout, check=False
+        command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert result.returncode == 0, f"{command} failed:\n{(result.stdout + result.stderr)[-4000:]}"
     return result.stdout
@@ -70,6 +71,79 @@ def test_stock_cli_resolves_the_model_from_the_wheel(wheel_environment: Path, tm
     output = run([str(wheel_environment), "-c", script], cwd=tmp_path)
     assert "class_path: anomalib_contnet.ConTNetPaDiM" in output
     assert "class_path: anomalib_contnet.MVTec" in output
+
+
+HOOK = "anomalib_contnet_autoload"
+
+# Run inside the wheel's venv. It does at run time what a Python 3.15+ ``site`` does with a ``.start`` file
+# (PEP 829: resolve each ``pkg.mod:callable`` line with pkgutil.resolve_name and call it without arguments), then
+# counts the autoload watchers before anomalib loads and the registration wrappers on anomalib.models' loader after.
+COUNT_REGISTRATIONS = f"""
+import pkgutil, sys
+from pathlib import Path
+import {HOOK} as hook
+start_file = Path(sys.argv[1])
+entry_points = [line.strip() for line in start_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+print("entry points:", entry_points)
+def watchers():
+    return sum(isinstance(finder, hook._WatchAnomalibModels) for finder in sys.meta_path)
+print("watchers after interpreter start:", watchers())
+for entry_point in entry_points:
+    pkgutil.resolve_name(entry_point)()
+print("watchers after the .start entry points:", watchers())
+import anomalib.models as models
+loader, wrappers = models.__spec__.loader, 0
+while isinstance(loader, hook._RegisterAfterLoad):
+    loader, wrappers = loader.inner, wrappers + 1
+print("registrations:", wrappers)
+print("watchers left:", watchers())
+print("registered:", models.ConTNetPaDiM is sys.modules["anomalib_contnet"].ConTNetPaDiM)
+"""
+
+
+def site_packages(python: Path) -> Path:
+    return Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=REPO).strip())
+
+
+@pytest.mark.slow
+def test_wheel_installs_a_pep_829_start_file_beside_the_pth(wheel_environment: Path) -> None:
+    """Same name as the .pth (so Python 3.15+ skips the .pth import line), one entry point naming a real callable."""
+    site = site_packages(wheel_environment)
+    start_file, pth_file = site / f"{HOOK}.start", site / f"{HOOK}.pth"
+    assert pth_file.is_file()
+    assert start_file.read_text(encoding="utf-8").splitlines() == [f"{HOOK}:install"]
+    script = f"import pkgutil; print(callable(pkgutil.resolve_name('{HOOK}:install')))"
+    assert run([str(wheel_environment), "-S", "-c", script], cwd=site).strip() == "True"
+
+
+@pytest.mark.slow
+def test_pth_and_start_file_together_register_the_plugin_exactly_once(wheel_environment: Path, tmp_path: Path) -> None:
+    """Python <= 3.14 runs the .pth at start; calling the .start entry point as well must not add a second hook."""
+    start_file = site_packages(wheel_environment) / f"{HOOK}.start"
+    output = run([str(wheel_environment), "-c", COUNT_REGISTRATIONS, str(start_file)], cwd=tmp_path).splitlines()
+    assert output[-5:] == [
+        "watchers after interpreter start: 1",
+        "watchers after the .start entry points: 1",
+        "registrations: 1",
+        "watchers left: 0",
+        "registered: True",
+    ]
+
+
+@pytest.mark.slow
+def test_start_file_alone_registers_the_plugin_once(wheel_environment: Path, tmp_path: Path) -> None:
+    """What Python 3.18+ does (.pth import lines ignored): ``-S`` skips every .pth, only the .start entry point runs."""
+    site = site_packages(wheel_environment)
+    test_environment = (site / "test_environment.pth").read_text().strip()
+    command = [str(wheel_environment), "-S", "-c", COUNT_REGISTRATIONS, str(site / f"{HOOK}.start")]
+    output = run(command, cwd=tmp_path, extra_env={"PYTHONPATH": os.pathsep.join([str(site), test_environment])})
+    assert output.splitlines()[-5:] == [
+        "watchers after interpreter start: 0",
+        "watchers after the .start entry points: 1",
+        "registrations: 1",
+        "watchers left: 0",
+        "registered: True",
+    ]
 
 
 def test_autoload_can_be_disabled(tmp_path: Path) -> None:
