@@ -215,26 +215,38 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
     def _merge_across_processes(
         self, statistics: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Combine the statistics of all distributed processes (DDP) with three all-reduces.
+        """Combine the statistics of all distributed processes (DDP); every process gets those of all samples.
 
-        Every process ends with the statistics of the union of all their samples,
-        exactly as if one process had seen them all.
+        The processes first agree on the total count and the statistics' shape. A
+        process that saw no real sample (it got only DistributedSampler padding,
+        e.g. 3 images on 4 processes) joins with zeros, so every process fits the
+        Gaussians one process would fit on all the images. When all processes
+        together saw fewer than 2 samples, every one of them returns None (and
+        :meth:`_fit_from_statistics` raises the same error on each).
         """
         if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
             return statistics
-        if statistics is None:
-            msg = "this process saw no training images; cannot merge Gaussian statistics across processes"
-            raise RuntimeError(msg)
-        mean, scatter = statistics
-        count = torch.tensor([float(self.count)], dtype=torch.float64, device=mean.device)
-        weighted_sum = mean * count
+        device = self.mean.device  # where the module lives: a device the process group can use
+        local_count = self.count
+        positions, dims = statistics[1].shape[:2] if statistics is not None else (0, 0)
+        count = torch.tensor([float(local_count)], dtype=torch.float64, device=device)
+        shape = torch.tensor([float(positions), float(dims)], dtype=torch.float64, device=device)
         distributed.all_reduce(count)
-        distributed.all_reduce(weighted_sum)
-        global_mean = weighted_sum / count
-        delta = mean - global_mean
-        scatter.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=self.count)
-        distributed.all_reduce(scatter)
+        distributed.all_reduce(shape, op=distributed.ReduceOp.MAX)
         self.count = int(count.item())
+        if self.count < 2:
+            return None
+        positions, dims = int(shape[0].item()), int(shape[1].item())
+        if statistics is None:
+            options = {"dtype": torch.float64, "device": device}
+            statistics = torch.zeros(positions, dims, **options), torch.zeros(positions, dims, dims, **options)
+        mean, scatter = statistics
+        weighted_sum = mean * local_count
+        distributed.all_reduce(weighted_sum)
+        global_mean = weighted_sum / self.count
+        delta = mean - global_mean
+        scatter.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=local_count)
+        distributed.all_reduce(scatter)
         return global_mean, scatter
 
     @torch.no_grad()
@@ -294,11 +306,7 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
             covariance.diagonal().add_(self.epsilon)
             lower, info = torch.linalg.cholesky_ex(covariance)
             if info.item() != 0:
-                msg = (
-                    f"covariance is not positive definite at patch position {position} (non-finite features?); "
-                    "check the training images and backbone weights"
-                )
-                raise ValueError(msg)
+                raise ValueError(self._factorisation_failure(position, covariance, dims))
             for solve_first in range(0, dims, SOLVE_WIDTH):
                 solve_end = min(solve_first + SOLVE_WIDTH, dims)
                 columns = torch.linalg.solve_triangular(
@@ -314,6 +322,27 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
             )
             raise ValueError(msg)
         return packed
+
+    def _factorisation_failure(self, position: int, covariance: torch.Tensor, dims: int) -> str:
+        """Why the regularised covariance at ``position`` could not be factorised, and what to do.
+
+        In exact arithmetic ``Σ + εI`` is positive definite for any ``ε > 0``. It
+        fails in float64 only when ``ε`` is negligible beside the feature variances
+        while the sample covariance is singular or nearly so: fewer images than
+        dimensions, features that are constant or copies of each other, or the same
+        image several times. (NaN/Inf features are refused earlier, per batch.)
+        """
+        largest_variance = float(covariance.diagonal().max()) - self.epsilon
+        return (
+            f"the covariance at patch position {position} is not positive definite even with epsilon="
+            f"{self.epsilon:g}, which is negligible beside the largest feature variance there "
+            f"({largest_variance:.3g}). The sample covariance is singular: {self.count} training images for "
+            f"{dims} feature dimensions (a covariance of n images has rank n - 1 at most), or features that are "
+            "constant or copies of each other (identical or blank training images, a backbone giving the same output "
+            "everywhere). Fix: "
+            f"raise epsilon to {max(largest_variance * 1e-6, self.epsilon * 10):.2g} or more (1e-6 of that variance), "
+            "use more and varied normal training images, or keep fewer dimensions than images with n_features."
+        )
 
     # ------------------------------------------------------------ saved state
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,16 +36,15 @@ from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DistributedSampler
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_contnet.deploy.staging import AtomicExportMixin
-from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
+from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD, ConTNetFeatures
+from anomalib_contnet.models.contnet_padim.pre_processor import ConTNetPreProcessor
 from anomalib_contnet.models.contnet_padim.safeguards import (
     CHECKPOINT_FORMAT_VERSION,
     FORMAT_KEY,
@@ -64,6 +63,14 @@ __all__ = ["CHECKPOINT_FORMAT_VERSION", "DEFAULT_IMAGE_SIZE", "ConTNetPaDiM"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = (224, 224)
+
+BACKBONE_STATE_PREFIX = "model.feature_extractor.backbone."
+"""Where the backbone's parameters sit in this module's state_dict."""
+
+
+def _state_under(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state_dict`` below ``prefix``, with the prefix removed."""
+    return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
 class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
@@ -84,6 +91,9 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         factor_dtype: storage of the Gaussians' packed precision factor, ``"float32"``
             (default) or ``"float16"``: float16 halves that part of the checkpoint again
             (scores move by about 2e-5 relative, AUROC unchanged; see docs/performance.md).
+        precision: compute type of the backbone, ``"float32"`` (default), ``"bfloat16"`` or
+            ``"float16"`` (autocast; the Gaussians and anomaly map stay float32; speed and
+            score effects in docs/performance.md).
         image_size: input size of the default pre-processor (multiples of 224 for ConTNet).
         pre_processor, post_processor, evaluator, visualizer: anomalib components,
             ``True`` for the defaults.
@@ -106,6 +116,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         epsilon: float = 0.01,
         sigma: float = 4.0,
         factor_dtype: str = "float32",
+        precision: str = "float32",
         image_size: tuple[int, int] | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -122,6 +133,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             epsilon=epsilon,
             sigma=sigma,
             factor_dtype=factor_dtype,
+            precision=precision,
         )
         if pre_processor is True:
             mean, std = model.feature_extractor.normalization
@@ -134,6 +146,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         )
         self.model: ConTNetPaDiMModel = model
         self._train_samples_seen = 0
+        self._backbone_weights_in_place = not model.feature_extractor.wants_pretrained
 
     @classmethod
     def configure_pre_processor(
@@ -141,16 +154,14 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         image_size: tuple[int, int] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-    ) -> PreProcessor:
-        """Resize to ``image_size`` (224x224 by default, the paper's) and normalise like the backbone's training."""
-        return PreProcessor(
-            transform=Compose(
-                [
-                    Resize(tuple(image_size or DEFAULT_IMAGE_SIZE), antialias=True),
-                    Normalize(mean=list(mean), std=list(std)),
-                ]
-            ),
-        )
+    ) -> ConTNetPreProcessor:
+        """Resize to ``image_size`` (224x224 by default, the paper's) and normalise like the backbone's training.
+
+        The resize is antialiased in fitting, testing, ``Engine.predict``, every export and
+        both anomalib inferencers alike (anomalib's own pre-processor drops antialiasing
+        in exports; see :mod:`~anomalib_contnet.models.contnet_padim.pre_processor`).
+        """
+        return ConTNetPreProcessor(image_size or DEFAULT_IMAGE_SIZE, mean=mean, std=std)
 
     @staticmethod
     def configure_optimizers() -> None:
@@ -172,19 +183,41 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         """Trained on normal images only."""
         return LearningType.ONE_CLASS
 
+    def setup(self, stage: str) -> None:
+        """Load the backbone's pretrained weights when a fit starts, and only then.
+
+        Only fitting needs them: a trained checkpoint holds every backbone weight,
+        so testing, predicting or exporting one never looks for the ImageNet file
+        (which may be gone, or be a URL on an offline machine). Lightning calls this
+        on every process before the model is moved or wrapped for DDP and before a
+        checkpoint is restored.
+        """
+        super().setup(stage)
+        if stage != TrainerFn.FITTING or self._backbone_weights_in_place:
+            return
+        extractor = self.model.feature_extractor
+        extractor.load_pretrained()
+        self._backbone_weights_in_place = True
+        if isinstance(extractor, ConTNetFeatures):
+            self.hparams["shortcut"] = extractor.shortcut  # saved with the checkpoint: which network was fitted
+
     def on_fit_start(self) -> None:
         """Refuse an empty training set with a message that names the folder (before the data loader fails)."""
         super().on_fit_start()
         require_training_images(self.trainer.datamodule)
 
     def on_train_start(self) -> None:
-        """Check the training image files before the first batch is read."""
+        """Check the training and validation image files before the first batch is read."""
         super().on_train_start()
         self._check_image_files(self.trainer.train_dataloader, "training")
+        validation_data = getattr(self.trainer.datamodule, "val_data", None)
+        if validation_data is not None:
+            check_image_files(dataset_image_paths(validation_data), "validation")
 
     def on_validation_start(self) -> None:
-        """Check the validation image files, then fit the Gaussians if that has not happened yet."""
-        self._check_image_files(self.trainer.val_dataloaders, "validation")
+        """Check the validation image files (unless fitting checked them), then fit the Gaussians if not done yet."""
+        if self.trainer.state.fn != TrainerFn.FITTING or getattr(self.trainer.datamodule, "val_data", None) is None:
+            self._check_image_files(self.trainer.val_dataloaders, "validation")
         super().on_validation_start()
 
     def on_test_start(self) -> None:
@@ -282,8 +315,12 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         any state is loaded, so a refused checkpoint leaves the model as it was.
         """
         check_checkpoint_format(checkpoint, "this checkpoint")
+        self.model.feature_extractor.match_saved_architecture(
+            _state_under(checkpoint["state_dict"], BACKBONE_STATE_PREFIX)
+        )
         check_checkpoint_state(checkpoint, self, "this checkpoint")
         super().on_load_checkpoint(checkpoint)
+        self._backbone_weights_in_place = True
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -304,11 +341,10 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         costs little); file objects and URLs go straight to Lightning, and
         :meth:`on_load_checkpoint` still checks them.
 
-        The checkpoint holds the backbone weights, so the ImageNet file is not
-        looked up (``pre_trained=False`` unless passed): a trained model loads on a
-        machine that never had the ConTNet-B download.
+        The checkpoint holds the backbone weights, so the ImageNet file is never
+        looked up (see :meth:`setup`): a trained model loads on a machine that never
+        had the ConTNet-B download, with the backbone architecture it was fitted with.
         """
-        kwargs.setdefault("pre_trained", False)
         if isinstance(checkpoint_path, str | os.PathLike) and "://" not in str(checkpoint_path):
             checkpoint = read_checkpoint(checkpoint_path, cls.checkpoint_safe_globals())
             check_checkpoint_format(checkpoint, str(checkpoint_path))

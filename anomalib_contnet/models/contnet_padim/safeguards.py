@@ -1,8 +1,8 @@
 """Checks that turn bad inputs into clear errors before they turn into wrong results.
 
 Each check sits where the bad input is still recognisable, and costs little on
-good input: image files are checked by header (and PNG chunk checksums) before a
-stage runs, checkpoints are inspected before anything is built from them, and
+good input: image files are checked before a stage runs (PNG by its chunk
+checksums, other formats by decoding them), checkpoints are inspected before anything is built from them, and
 warnings that concern one fit are shown for every fit. ``docs/reliability.md``
 lists every bad input these checks answer and the test that proves it.
 """
@@ -73,10 +73,13 @@ def _quote(items: Sequence[str]) -> str:
 def check_image_files(paths: Iterable[str | os.PathLike[str]], purpose: str) -> None:
     """Raise ValueError naming every file in ``paths`` that anomalib would fail on or silently misread.
 
-    Opens each file's header and runs Pillow's ``verify`` (which checks every PNG
-    chunk's checksum, so a truncated PNG is caught; for JPEG and most other formats
-    it reads the header only). Pixel data is not decoded, so this costs well under
-    a millisecond per file.
+    A PNG is checked with Pillow's ``verify``, which checks every chunk's checksum
+    (a truncated or damaged PNG fails) without decoding pixels: about a millisecond
+    per file. Other formats have no checksums (a truncated JPEG opens and verifies
+    fine, then fails mid-run with Pillow's "image file is truncated" and no file
+    name), so they are decoded with the decoder anomalib's reader uses; JPEGs at
+    reduced scale (libjpeg's scaled decoding still reads the whole entropy-coded
+    stream, so cuts are found), a few milliseconds per 1024 px photograph.
 
     Args:
         paths: image files a stage is about to read.
@@ -88,7 +91,11 @@ def check_image_files(paths: Iterable[str | os.PathLike[str]], purpose: str) -> 
         try:
             with Image.open(path) as image:
                 mode = image.mode
-                image.verify()
+                if image.format == "PNG":
+                    image.verify()
+                else:
+                    image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+                    image.load()
         except Exception as error:  # noqa: BLE001 (Pillow raises many types; every one means the file is unusable)
             unreadable.append(f"{path} ({type(error).__name__}: {error})")
             continue
@@ -113,7 +120,7 @@ def check_image_files(paths: Iterable[str | os.PathLike[str]], purpose: str) -> 
 
 
 def dataset_image_paths(dataset: object) -> list[str]:
-    """Image files an anomalib dataset will read: ``samples.image_path`` or a PredictDataset's file list.
+    """Image files an anomalib dataset will read: its images and masks (``samples``), or a PredictDataset's files.
 
     Other datasets (user-made tensors, custom classes) give an empty list: there
     are no files to check.
@@ -122,8 +129,12 @@ def dataset_image_paths(dataset: object) -> list[str]:
         samples = getattr(dataset, "samples", None)
     except RuntimeError:  # an AnomalibDataset whose samples were never set
         samples = None
-    if samples is not None and "image_path" in getattr(samples, "columns", ()):
-        return [str(path) for path in samples["image_path"]]
+    columns = getattr(samples, "columns", ())
+    if samples is not None and "image_path" in columns:
+        paths = [str(path) for path in samples["image_path"]]
+        if "mask_path" in columns:  # empty (or NaN) for normal images
+            paths += [str(path) for path in samples["mask_path"] if isinstance(path, str | os.PathLike) and path]
+        return paths
     file_names = getattr(dataset, "image_filenames", None)
     if isinstance(file_names, Iterable) and not isinstance(file_names, str | bytes):
         return [str(path) for path in file_names]
