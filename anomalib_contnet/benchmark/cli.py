@@ -12,7 +12,8 @@ import sys
 
 from anomalib_contnet.backbones.weights import WeightsError
 from anomalib_contnet.benchmark.configs import MODEL_CONFIGS
-from anomalib_contnet.benchmark.runner import DEFAULT_CORESET_RATIO, BenchmarkError, run_benchmark
+from anomalib_contnet.benchmark.paper import MVTEC_AD
+from anomalib_contnet.benchmark.runner import DEFAULT_CORESET_RATIO, DEFAULT_SEED, BenchmarkError, run_benchmark
 from anomalib_contnet.benchmark.subsets import offline_categories
 from anomalib_contnet.data import DatasetPrepareError
 
@@ -28,9 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "benchmark",
         help="ConTNetPaDiM vs anomalib Padim/Patchcore on the same data: CSV + markdown table",
         description=(
-            "Run every model configuration on every category, one process per job, on one seeded data subset; "
-            "write benchmark.csv and benchmark.md under --out. Metrics are computed on raw scores. Backbones "
-            "without offline ImageNet weights run with random initialisation and are labelled so."
+            "Run every model configuration on every category, one process per job, on one seeded data subset "
+            "(or every image: --max-train 0 --max-test 0); write benchmark.csv, benchmark.md and benchmark.png "
+            "under --out. Rerunning the same command skips finished jobs. Metrics are computed on raw scores. "
+            "Backbones without offline ImageNet weights run with random initialisation and are labelled so."
         ),
         epilog="configurations: " + ", ".join(MODEL_CONFIGS),
     )
@@ -38,17 +40,34 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--categories",
         default="elpv_mono,brick",
-        help=f"comma-separated; missing offline ones ({', '.join(offline_categories())}) are prepared "
-        "(default: elpv_mono,brick)",
+        help=f"comma-separated folder names under --data-root; {MVTEC_AD} = its 15 categories; missing offline ones "
+        f"({', '.join(offline_categories())}) are prepared (default: elpv_mono,brick)",
     )
     parser.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
-    parser.add_argument("--max-train", type=int, default=40, help="training images per category (default 40)")
     parser.add_argument(
-        "--max-test", type=int, default=60, help="test images per category, half normal where possible (default 60)"
+        "--max-train", type=int, default=40, help="training images per category, 0 = every one (default 40)"
+    )
+    parser.add_argument(
+        "--max-test",
+        type=int,
+        default=60,
+        help="test images per category, half normal where possible, 0 = every one (default 60)",
     )
     parser.add_argument("--out", default="results/benchmark", help="output folder (default: results/benchmark)")
     parser.add_argument("--image-size", type=int, default=224, help="input side in pixels for every model (224)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subset and of random initialisation (0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help=f"seed of the subset and of random initialisation ({DEFAULT_SEED}, as anomalib's tables)",
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also run each open choice of the paper's setting, one at a time, for every ConTNetPaDiM configuration "
+        "(layers, input size, centre crop, epsilon, pixel AUROC at mask size)",
+    )
+    parser.add_argument("--plan", action="store_true", help="list the jobs (finished / to run) and run none")
     parser.add_argument(
         "--coreset-ratio",
         type=float,
@@ -76,6 +95,8 @@ def _canonical_command(args: argparse.Namespace) -> str:
     if args.configs:
         words += ["--configs", args.configs]
     words += ["--max-train", str(args.max_train), "--max-test", str(args.max_test), "--out", str(args.out)]
+    if args.ablation:
+        words.append("--ablation")
     words += [
         "--image-size",
         str(args.image_size),
@@ -101,6 +122,8 @@ def _run(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             seed=args.seed,
             coreset_ratio=args.coreset_ratio,
+            ablation=args.ablation,
+            plan_only=args.plan,
             allow_download=args.allow_download,
             job_timeout_s=args.job_timeout,
             keep_checkpoints=args.keep_checkpoints,

@@ -18,12 +18,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812  (PyTorch's usual name)
 from anomalib.data import ImageBatch
 from anomalib.metrics import AUPRO
+from PIL import Image
 
-__all__ = ["RawScores", "RocCurve", "collect_raw_scores", "localisation_aupro", "roc_curve"]
+__all__ = [
+    "RawScores",
+    "RocCurve",
+    "collect_raw_scores",
+    "localisation_aupro",
+    "native_size_pixel_roc",
+    "roc_curve",
+]
 
 
 @dataclass(frozen=True)
@@ -119,3 +130,34 @@ def localisation_aupro(anomaly_maps: torch.Tensor, masks: torch.Tensor, fpr_limi
     batch = ImageBatch(image=torch.zeros(masks.shape[0], 3, 1, 1), anomaly_map=anomaly_maps, gt_mask=masks)
     metric.update(batch)
     return float(metric.compute())
+
+
+def native_size_pixel_roc(scores: RawScores) -> RocCurve:
+    """Pixel ROC at each test image's own size: maps upsampled bilinearly, masks read from disk unresized.
+
+    The model's maps have the input size (224x224 by default) and the pre-processor resizes
+    the masks to it (nearest), which thickens or drops thin defects; MVTec AD's masks are
+    700-1024 px. Here every map is upsampled to its image's size instead, and compared with
+    ``ground_truth/<defect>/<name>_mask.png`` (all normal for ``test/good``) as stored.
+    """
+    if len(scores.image_paths) != scores.anomaly_maps.shape[0]:
+        msg = "native-size pixel metrics need the image path of every prediction"
+        raise ValueError(msg)
+    all_scores, all_labels = [], []
+    for anomaly_map, image_path in zip(scores.anomaly_maps, scores.image_paths, strict=True):
+        image = Path(image_path)
+        with Image.open(image) as opened:
+            width, height = opened.size
+        if image.parent.name == "good":
+            mask = torch.zeros(height, width, dtype=torch.bool)
+        else:
+            mask_path = image.parents[2] / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+            with Image.open(mask_path) as opened:
+                mask = torch.from_numpy(np.asarray(opened.convert("L")) > 0)
+            if mask.shape != (height, width):
+                msg = f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} px but its image is {width}x{height} px"
+                raise ValueError(msg)
+        upsampled = F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)
+        all_scores.append(upsampled.reshape(-1))
+        all_labels.append(mask.reshape(-1))
+    return roc_curve(torch.cat(all_scores), torch.cat(all_labels))

@@ -12,9 +12,11 @@ by all jobs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -25,22 +27,38 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from anomalib_contnet.benchmark.ablation import PAPER_VARIANT, Variant, ablation_variants, backbone_layers
 from anomalib_contnet.benchmark.configs import (
+    DEFAULT_CONFIG_NAMES,
     MODEL_CONFIGS,
     JobWeights,
     ModelConfig,
     resolve_job_weights,
 )
 from anomalib_contnet.benchmark.files import write_text_atomically
-from anomalib_contnet.benchmark.subsets import CategorySubset, ensure_category, materialise_subset
-from anomalib_contnet.benchmark.table import BenchmarkRow, rows_to_csv, rows_to_markdown
+from anomalib_contnet.benchmark.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, expand_categories
+from anomalib_contnet.benchmark.plot import plot_auroc_against_cost
+from anomalib_contnet.benchmark.subsets import CategorySubset, ensure_category, materialise_subset, whole_category
+from anomalib_contnet.benchmark.table import BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
 from anomalib_contnet.benchmark.worker import JobResult, JobSpec
+from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
 
-__all__ = ["ANOMALIB_DEFAULT_CORESET_RATIO", "BenchmarkError", "BenchmarkReport", "run_benchmark"]
+__all__ = [
+    "ANOMALIB_DEFAULT_CORESET_RATIO",
+    "DEFAULT_SEED",
+    "BenchmarkError",
+    "BenchmarkReport",
+    "PlannedJob",
+    "run_benchmark",
+]
 
 ANOMALIB_DEFAULT_CORESET_RATIO = 0.1
 """Patchcore's own default; far too slow for CPU (hours of greedy coreset steps), hence the smaller default here."""
 DEFAULT_CORESET_RATIO = 0.01
+DEFAULT_SEED = 42
+"""The seed of anomalib's published model tables."""
+PAPER_IMAGE_SIZE = 224
+KEY_FILE, RESULT_FILE, SPEC_FILE, LOG_FILE = "key.txt", "result.json", "spec.json", "log.txt"
 
 
 class BenchmarkError(RuntimeError):
@@ -49,16 +67,51 @@ class BenchmarkError(RuntimeError):
 
 @dataclass(frozen=True)
 class BenchmarkReport:
-    """Where the results went and how many jobs failed."""
+    """Where the results went, how many jobs ran (the rest were finished earlier) and which failed."""
 
     rows: list[BenchmarkRow]
-    csv_path: Path
-    markdown_path: Path
+    """Job rows, then the averages over categories."""
+    csv_path: Path | None
+    markdown_path: Path | None
+    plot_path: Path | None
+    """None when no job finished (nothing to plot) or only the plan was asked for."""
+    jobs_run: int
 
     @property
     def failed(self) -> list[BenchmarkRow]:
         """Rows of jobs that did not finish."""
-        return [row for row in self.rows if row.status != "ok"]
+        return [row for row in self.rows if row.status.startswith("failed")]
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One model configuration, in one variant, on one category: its spec and the key of its settings."""
+
+    config: ModelConfig
+    variant: Variant
+    subset: CategorySubset
+    weights: JobWeights
+    spec: JobSpec
+    key: str
+    """sha256 of everything the job's result depends on; a finished job with the same key is not rerun."""
+
+    @property
+    def work_dir(self) -> Path:
+        """The job's folder: spec, key, result and log."""
+        return Path(self.spec.work_dir)
+
+    def finished(self) -> JobResult | None:
+        """The result of an earlier run of exactly these settings, if it succeeded; else None."""
+        key_path, result_path = self.work_dir / KEY_FILE, self.work_dir / RESULT_FILE
+        if not (key_path.is_file() and result_path.is_file()):
+            return None
+        if key_path.read_text(encoding="utf-8").strip() != self.key:
+            return None
+        try:
+            result = JobResult(**json.loads(result_path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError):
+            return None  # unreadable: run it again
+        return result if result.status == "ok" else None
 
 
 def run_benchmark(
@@ -69,23 +122,30 @@ def run_benchmark(
     max_train: int = 40,
     max_test: int = 60,
     config_names: Sequence[str] | None = None,
-    image_size: int = 224,
-    seed: int = 0,
+    image_size: int = PAPER_IMAGE_SIZE,
+    seed: int = DEFAULT_SEED,
     coreset_ratio: float = DEFAULT_CORESET_RATIO,
+    ablation: bool = False,
     allow_download: bool = False,
     job_timeout_s: float | None = None,
     keep_checkpoints: bool = False,
+    plan_only: bool = False,
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> BenchmarkReport:
-    """Benchmark ``config_names`` (all of :data:`MODEL_CONFIGS` by default) on ``categories``.
+    """Benchmark ``config_names`` (:data:`DEFAULT_CONFIG_NAMES` by default) on ``categories``.
 
-    Writes ``out/benchmark.csv`` and ``out/benchmark.md`` (atomically, after the last
-    job), the shared data subsets under ``out/data``, and per job ``out/jobs/<id>/``
-    with its spec, result and log. A failed job becomes a row with its reason; it
-    does not stop the others.
+    ``max_train`` / ``max_test`` of 0 mean every image (the full protocol: the category
+    folders are read in place). With ``ablation`` every ConTNetPaDiM configuration also
+    runs each variant of :func:`ablation_variants`. Writes ``out/benchmark.csv``,
+    ``out/benchmark.md`` and ``out/benchmark.png`` (atomically, after the last job), data
+    subsets under ``out/data``, and per job ``out/jobs/<id>/`` with its spec, key, result
+    and log. Jobs whose folder already holds a successful result for the same key are not
+    rerun, so an interrupted run resumes where it stopped. A failed job becomes a row with
+    its reason; it does not stop the others. ``plan_only`` lists the jobs and runs none.
     """
-    configs = _check_configs(config_names)
+    configs = _check_configs(config_names, ablation)
+    categories = expand_categories(list(categories))
     if not categories:
         msg = "name at least one category"
         raise BenchmarkError(msg)
@@ -99,48 +159,118 @@ def run_benchmark(
     started = datetime.now(timezone.utc)
 
     log(f"== preparing data ({', '.join(categories)}) ==")
-    subsets = []
-    for category in dict.fromkeys(categories):
-        source = ensure_category(data_root, category)
-        subset = materialise_subset(source, out / "data", max_train=max_train, max_test=max_test, seed=seed)
-        log(
-            f"{category}: {subset.n_train} train, {subset.n_test_normal} normal + {subset.n_test_anomalous} "
-            f"anomalous test images (from {source}); pixel labels: {'yes' if subset.pixel_labels else 'no'}"
-        )
-        subsets.append(subset)
-
+    subsets = [_category_data(data_root, category, out, max_train, max_test, seed, log) for category in categories]
     weights_file, hub_env = _offline_efficientnet(configs, log)
     plans = {config.name: resolve_job_weights(config, weights_file, allow_download) for config in configs}
     base_env = _job_environment(allow_download)
+    jobs = [
+        _plan_job(config, variant, subset, plans[config.name], out, image_size, seed, coreset_ratio, keep_checkpoints)
+        for subset in subsets
+        for config in configs
+        for variant in (
+            ablation_variants(image_size, subset.pixel_labels)
+            if ablation and config.family == "contnet_padim"
+            else [PAPER_VARIANT]
+        )
+    ]
+    if plan_only:
+        for job in jobs:
+            log(f"{'finished' if job.finished() else 'to run  '}  {job.work_dir.name}")
+        return BenchmarkReport(rows=[], csv_path=None, markdown_path=None, plot_path=None, jobs_run=0)
 
     rows: list[BenchmarkRow] = []
-    total = len(subsets) * len(configs)
-    for subset in subsets:
-        for config in configs:
-            plan = plans[config.name]
-            log(f"== [{len(rows) + 1}/{total}] {config.name} on {subset.category} ({plan.label}) ==")
-            spec = _job_spec(config, plan, subset, out, image_size, seed, coreset_ratio, keep_checkpoints)
-            environment = base_env | (hub_env if plan.needs_offline_hub else {})
-            result, wall_s = _run_job_process(spec, environment, job_timeout_s)
-            row = BenchmarkRow.from_result(config, plan, subset, result, coreset_ratio)
-            log(_summary(row, wall_s, Path(spec.work_dir) / "log.txt"))
-            rows.append(row)
+    run_times: list[float] = []
+    total = len(jobs)
+    for index, job in enumerate(jobs, start=1):
+        result = job.finished()
+        if result is not None:
+            log(f"== [{index}/{total}] {job.work_dir.name}: finished earlier, skipped ==")
+        else:
+            log(f"== [{index}/{total}] {job.work_dir.name}: running ({job.weights.label}) ==")
+            environment = base_env | (hub_env if job.weights.needs_offline_hub else {})
+            result, wall_s = _run_job_process(job, environment, job_timeout_s)
+            run_times.append(wall_s)
+        row = BenchmarkRow.from_result(
+            job.config,
+            job.weights,
+            job.subset,
+            result,
+            variant=job.variant.name,
+            settings=_settings(job),
+            paper_configuration=_is_paper_configuration(job, image_size),
+        )
+        log(_summary(row, job.work_dir / LOG_FILE))
+        log(_progress(index, total, run_times, jobs[index:]))
+        rows.append(row)
 
-    metadata_lines = _run_metadata(started, command, image_size, seed, coreset_ratio, subsets)
-    csv_path, markdown_path = out / "benchmark.csv", out / "benchmark.md"
-    write_text_atomically(csv_path, rows_to_csv(rows))
-    write_text_atomically(markdown_path, rows_to_markdown(rows, metadata_lines))
-    log(f"wrote {csv_path} and {markdown_path}")
-    return BenchmarkReport(rows=rows, csv_path=csv_path, markdown_path=markdown_path)
+    metadata_lines = _run_metadata(started, command, image_size, seed, coreset_ratio, subsets, ablation)
+    csv_path, markdown_path, plot_path = out / "benchmark.csv", out / "benchmark.md", out / "benchmark.png"
+    all_rows = rows + category_means(rows)
+    write_text_atomically(csv_path, rows_to_csv(all_rows))
+    write_text_atomically(markdown_path, rows_to_markdown(all_rows, metadata_lines))
+    plotted = plot_auroc_against_cost(rows, plot_path)
+    log(f"wrote {csv_path}, {markdown_path}" + (f" and {plot_path}" if plotted else " (no finished job to plot)"))
+    log(f"jobs run: {len(run_times)}, skipped as finished: {total - len(run_times)}")
+    return BenchmarkReport(
+        rows=all_rows,
+        csv_path=csv_path,
+        markdown_path=markdown_path,
+        plot_path=plot_path if plotted else None,
+        jobs_run=len(run_times),
+    )
 
 
-def _check_configs(config_names: Sequence[str] | None) -> list[ModelConfig]:
-    names = list(dict.fromkeys(config_names)) if config_names else list(MODEL_CONFIGS)
+def _check_configs(config_names: Sequence[str] | None, ablation: bool) -> list[ModelConfig]:
+    default = [name for name in DEFAULT_CONFIG_NAMES if not ablation or MODEL_CONFIGS[name].family == "contnet_padim"]
+    names = list(dict.fromkeys(config_names)) if config_names else default
     unknown = [name for name in names if name not in MODEL_CONFIGS]
     if unknown or not names:
         msg = f"unknown configuration(s) {unknown}; choose from {', '.join(MODEL_CONFIGS)}"
         raise BenchmarkError(msg)
-    return [MODEL_CONFIGS[name] for name in names]
+    configs = [MODEL_CONFIGS[name] for name in names]
+    if ablation:
+        others = [config.name for config in configs if config.family != "contnet_padim"]
+        if others:
+            msg = f"--ablation varies ConTNetPaDiM's open choices; drop {', '.join(others)} from --configs"
+            raise BenchmarkError(msg)
+        for config in configs:
+            try:
+                backbone_layers(config.backbone, ("layer2", "layer3", "layer4"))
+            except ValueError as error:
+                raise BenchmarkError(str(error)) from error
+    return configs
+
+
+def _category_data(
+    data_root: Path | str,
+    category: str,
+    out: Path,
+    max_train: int,
+    max_test: int,
+    seed: int,
+    log: Callable[[str], None],
+) -> CategorySubset:
+    """Every image in place for the full protocol (0 / 0), else a seeded copy under ``out/data``."""
+    source = ensure_category(data_root, category)
+    if max_train == 0 and max_test == 0:
+        subset = whole_category(source)
+    else:
+        subset = materialise_subset(source, out / "data", max_train=max_train, max_test=max_test, seed=seed)
+    log(
+        f"{category}: {subset.n_train} train, {subset.n_test_normal} normal + {subset.n_test_anomalous} "
+        f"anomalous test images (from {source}); pixel labels: {'yes' if subset.pixel_labels else 'no'}"
+    )
+    return subset
+
+
+def _data_fingerprint(subset: CategorySubset) -> str:
+    """sha256 over the relative path and size of every file of the category: which images a job reads."""
+    folder = subset.root / subset.category
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            digest.update(f"{path.relative_to(folder).as_posix()}:{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
 
 
 def _offline_efficientnet(configs: list[ModelConfig], log: Callable[[str], None]) -> tuple[Path | None, dict[str, str]]:
@@ -166,41 +296,87 @@ def _job_environment(allow_download: bool) -> dict[str, str]:
     return environment
 
 
-def _job_spec(
+def _plan_job(
     config: ModelConfig,
-    plan: JobWeights,
+    variant: Variant,
     subset: CategorySubset,
+    weights: JobWeights,
     out: Path,
     image_size: int,
     seed: int,
     coreset_ratio: float,
     keep_checkpoint: bool,
-) -> JobSpec:
-    init_args = {"backbone": config.backbone, "layers": list(config.layers), **config.options, **plan.init_args}
+) -> PlannedJob:
+    layers = (
+        config.layers if variant.layers == PAPER_VARIANT.layers else backbone_layers(config.backbone, variant.layers)
+    )
+    init_args = {"backbone": config.backbone, "layers": list(layers), **config.options, **weights.init_args}
     if config.family == "patchcore":
         init_args["coreset_sampling_ratio"] = coreset_ratio
-    return JobSpec(
-        job_id=f"{subset.category}__{config.name}",
+    if config.family == "contnet_padim":
+        init_args["epsilon"] = variant.epsilon
+    job_id = f"{subset.category}__{config.name}"
+    if variant != PAPER_VARIANT:
+        job_id += "__" + re.sub(r"[^A-Za-z0-9.]+", "-", variant.name)
+    spec = JobSpec(
+        job_id=job_id,
         family=config.family,
         init_args=init_args,
         dataset_root=str(subset.root.resolve()),
         category=subset.category,
         pixel_labels=subset.pixel_labels,
-        work_dir=str((out / "jobs" / f"{subset.category}__{config.name}").resolve()),
-        image_size=image_size,
+        work_dir=str((out / "jobs" / job_id).resolve()),
+        image_size=image_size * variant.input_scale,
+        crop_resize=variant.crop_resize_side(image_size),
+        pixel_eval=variant.pixel_eval,
         seed=seed,
         keep_checkpoint=keep_checkpoint,
     )
+    # Where the files are and whether the checkpoint is kept do not change the numbers; the data's content does.
+    settings = asdict(spec) | {"dataset_root": None, "work_dir": None, "keep_checkpoint": None}
+    identity = {
+        "spec": settings,
+        "data": _data_fingerprint(subset),
+        "weights": weights.label,
+        "anomalib-contnet": _version("anomalib-contnet"),
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return PlannedJob(config=config, variant=variant, subset=subset, weights=weights, spec=spec, key=key)
 
 
-def _run_job_process(spec: JobSpec, environment: dict[str, str], timeout_s: float | None) -> tuple[JobResult, float]:
-    """Run the worker for ``spec``; a crash, kill or timeout becomes a failed result with the reason."""
-    work_dir = Path(spec.work_dir)
+def _settings(job: PlannedJob) -> str:
+    """The row's settings column: every model argument and input choice that is not the weights file."""
+    arguments = {
+        key: value for key, value in job.spec.init_args.items() if key not in {"backbone", "pre_trained", "weights"}
+    }
+    words = [f"{key}={'+'.join(value) if isinstance(value, list) else value}" for key, value in arguments.items()]
+    size = job.spec.image_size
+    words.append(f"input={job.spec.crop_resize}->crop {size}" if job.spec.crop_resize else f"input={size}")
+    if job.spec.pixel_labels:
+        words.append(f"pixel_auroc_at={'mask size' if job.spec.pixel_eval == 'native' else f'{size} px'}")
+    return " ".join(words)
+
+
+def _is_paper_configuration(job: PlannedJob, image_size: int) -> bool:
+    """ConTNetPaDiM on a ConTNet backbone in the paper's setting at 224 px, on an MVTec AD category."""
+    return (
+        job.config.family == "contnet_padim"
+        and is_contnet(job.config.backbone)
+        and job.variant == PAPER_VARIANT
+        and image_size == PAPER_IMAGE_SIZE
+        and job.subset.category in (*MVTEC_AD_TEXTURES, *MVTEC_AD_OBJECTS)
+    )
+
+
+def _run_job_process(job: PlannedJob, environment: dict[str, str], timeout_s: float | None) -> tuple[JobResult, float]:
+    """Run the worker for ``job``; a crash, kill or timeout becomes a failed result with the reason."""
+    work_dir = job.work_dir
     if work_dir.exists():
-        shutil.rmtree(work_dir)  # this job's own folder from an earlier run: a stale result must not be read
+        shutil.rmtree(work_dir)  # an unfinished or outdated run of this job: its files must not be read
     work_dir.mkdir(parents=True)
-    spec_path, result_path, log_path = work_dir / "spec.json", work_dir / "result.json", work_dir / "log.txt"
-    write_text_atomically(spec_path, json.dumps(asdict(spec), indent=1) + "\n")
+    spec_path, result_path, log_path = work_dir / SPEC_FILE, work_dir / RESULT_FILE, work_dir / LOG_FILE
+    write_text_atomically(spec_path, json.dumps(asdict(job.spec), indent=1) + "\n")
+    write_text_atomically(work_dir / KEY_FILE, job.key + "\n")
     command = [sys.executable, "-m", "anomalib_contnet.benchmark.worker", str(spec_path), str(result_path)]
     started = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log_file:
@@ -220,15 +396,33 @@ def _run_job_process(spec: JobSpec, environment: dict[str, str], timeout_s: floa
     return JobResult(error=f"the job process ended without a result: {reason} (see {log_path})"), wall_s
 
 
-def _summary(row: BenchmarkRow, wall_s: float, log_path: Path) -> str:
+def _summary(row: BenchmarkRow, log_path: Path) -> str:
     if row.status != "ok":
-        return f"   FAILED after {wall_s:.0f} s: {row.status} (log: {log_path})"
+        return f"   FAILED: {row.status} (log: {log_path})"
     pixel = "" if row.pixel_auroc is None else f", pixel AUROC {row.pixel_auroc:.3f}, AUPRO {row.aupro:.3f}"
     return (
         f"   image AUROC {row.image_auroc:.3f}{pixel}; fit {row.fit_s:.1f} s, "
         f"{row.predict_images_per_s:.1f} images/s, peak RSS {row.peak_rss_mb / 1024:.1f} GB, "
-        f"checkpoint {row.checkpoint_mb:.0f} MB ({wall_s:.0f} s in all)"
+        f"checkpoint {row.checkpoint_mb:.0f} MB"
     )
+
+
+def _progress(done: int, total: int, run_times: list[float], remaining: list[PlannedJob]) -> str:
+    """``done/total``, and the time left estimated from the mean of the jobs run so far (finished ones cost nothing)."""
+    to_run = sum(1 for job in remaining if job.finished() is None)
+    if to_run == 0:
+        estimate = "none left to run"
+    elif not run_times:
+        estimate = f"{to_run} to run, no estimate yet"
+    else:
+        estimate = f"{to_run} to run, about {_duration(to_run * sum(run_times) / len(run_times))} left"
+    return f"   progress: {done}/{total} jobs done; {estimate}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
 def _run_metadata(
@@ -238,6 +432,7 @@ def _run_metadata(
     seed: int,
     coreset_ratio: float,
     subsets: list[CategorySubset],
+    ablation: bool,
 ) -> list[str]:
     """Lines for the markdown header: what ran, where, on which data."""
     versions = ", ".join(
@@ -254,10 +449,19 @@ def _run_metadata(
         f"metrics on raw scores (no post-processing); Patchcore coreset ratio {coreset_ratio} "
         f"(anomalib's default is {ANOMALIB_DEFAULT_CORESET_RATIO}); one process per job."
     )
+    if ablation:
+        lines.append(
+            "Ablation: each ConTNetPaDiM row other than `paper` changes one choice of the paper's setting "
+            f"(layers layer3+layer4, input {image_size} px resized without crop, epsilon {PAPER_VARIANT.epsilon:g}, "
+            f"pixel AUROC at {image_size} px); layer names of other backbones: "
+            "`anomalib_contnet.benchmark.ablation.STAGE_EQUIVALENTS`."
+        )
     for subset in subsets:
         lines.append(
             f"Data `{subset.category}`: {subset.n_train} training images, {subset.n_test_normal} normal + "
-            f"{subset.n_test_anomalous} anomalous test images, seeded subset of `{subset.source}`; "
+            f"{subset.n_test_anomalous} anomalous test images, "
+            + ("every image of" if subset.root == subset.source.parent else "seeded subset of")
+            + f" `{subset.source}`; "
             + ("pixel metrics from the masks." if subset.pixel_labels else "image labels only (no pixel metrics).")
         )
     return lines

@@ -33,7 +33,14 @@ from anomalib_contnet.data import (
 from anomalib_contnet.data.elpv import seeded_order
 from anomalib_contnet.data.layout import CategoryWriter
 
-__all__ = ["IMAGE_SUFFIXES", "CategorySubset", "ensure_category", "materialise_subset", "offline_categories"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "CategorySubset",
+    "ensure_category",
+    "materialise_subset",
+    "offline_categories",
+    "whole_category",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """File types anomalib's MVTecAD datamodule reads as images."""
@@ -110,35 +117,23 @@ def materialise_subset(
     The test part takes ``max_test // 2`` normal images and fills the rest with anomalous
     ones (drawn across all defect folders), each capped by what exists, so image AUROC is
     measured on a balanced set whenever the source allows it. Masks follow their images.
+    A size of 0 means every image of that split (the full protocol).
 
     Raises:
-        DatasetPrepareError: for a folder that is not in MVTec AD layout, or sizes below 1.
+        DatasetPrepareError: for a folder that is not in MVTec AD layout, or negative sizes.
     """
     source = Path(source).expanduser()
     for value, what in ((max_train, "max_train"), (max_test, "max_test")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            msg = f"{what} must be a positive integer, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            msg = f"{what} must be a non-negative integer (0 = every image), got {value!r}"
             raise DatasetPrepareError(msg)
-    if max_test < 2:
-        msg = f"max_test must be at least 2 (one normal and one anomalous image), got {max_test}"
+    if max_test == 1:
+        msg = "max_test must be 0 (every image) or at least 2 (one normal and one anomalous image), got 1"
         raise DatasetPrepareError(msg)
-    train = _images(source / "train" / "good")
-    test_normal = _images(source / "test" / "good")
-    test_anomalous = [
-        path
-        for folder in sorted((source / "test").iterdir() if (source / "test").is_dir() else [])
-        if folder.is_dir() and folder.name != "good"
-        for path in _images(folder)
-    ]
-    for what, found in (("train/good", train), ("test/good", test_normal), ("test/<defect>", test_anomalous)):
-        if not found:
-            msg = (
-                f"{source} has no images in {what}; it is not an MVTec AD-layout category with normal and defect images"
-            )
-            raise DatasetPrepareError(msg)
-    chosen_train = _seeded_pick(train, source, max_train, seed)
-    n_normal = min(len(test_normal), max_test // 2)
-    n_anomalous = min(len(test_anomalous), max_test - n_normal)
+    train, test_normal, test_anomalous = _split_images(source)
+    chosen_train = _seeded_pick(train, source, max_train or len(train), seed)
+    n_normal = len(test_normal) if max_test == 0 else min(len(test_normal), max_test // 2)
+    n_anomalous = len(test_anomalous) if max_test == 0 else min(len(test_anomalous), max_test - n_normal)
     chosen_normal = _seeded_pick(test_normal, source, n_normal, seed)
     chosen_anomalous = _seeded_pick(test_anomalous, source, n_anomalous, seed)
 
@@ -168,6 +163,48 @@ def materialise_subset(
         counts=dict(sorted(counts.items())),
         pixel_labels=pixel_labels,
     )
+
+
+def whole_category(source: Path | str) -> CategorySubset:
+    """The category folder ``source`` as it is, every image, nothing copied (the full protocol).
+
+    Raises:
+        DatasetPrepareError: for a folder that is not in MVTec AD layout or lacks a mask.
+    """
+    source = Path(source).expanduser()
+    train, test_normal, test_anomalous = _split_images(source)
+    for image in test_anomalous:
+        _mask_of(source, image)
+    counts: dict[str, int] = {}
+    for image in [*train, *test_normal, *test_anomalous]:
+        folder = image.parent.relative_to(source).as_posix()
+        counts[folder] = counts.get(folder, 0) + 1
+    return CategorySubset(
+        root=source.parent,
+        category=source.name,
+        source=source,
+        counts=dict(sorted(counts.items())),
+        pixel_labels=_has_pixel_labels(source),
+    )
+
+
+def _split_images(source: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """Training, normal test and anomalous test images of an MVTec AD-layout category, each non-empty."""
+    train = _images(source / "train" / "good")
+    test_normal = _images(source / "test" / "good")
+    test_anomalous = [
+        path
+        for folder in sorted((source / "test").iterdir() if (source / "test").is_dir() else [])
+        if folder.is_dir() and folder.name != "good"
+        for path in _images(folder)
+    ]
+    for what, found in (("train/good", train), ("test/good", test_normal), ("test/<defect>", test_anomalous)):
+        if not found:
+            msg = (
+                f"{source} has no images in {what}; it is not an MVTec AD-layout category with normal and defect images"
+            )
+            raise DatasetPrepareError(msg)
+    return train, test_normal, test_anomalous
 
 
 def _images(folder: Path) -> list[Path]:

@@ -42,6 +42,10 @@ class JobSpec:
     pixel_labels: bool
     work_dir: str
     image_size: int = 224
+    crop_resize: int | None = None
+    """Resize side before a centre crop to ``image_size`` (ConTNetPaDiM only), or None for a plain resize."""
+    pixel_eval: str = "input"
+    """``input``: pixel AUROC on the masks resized to ``image_size``; ``native``: on each mask at its own size."""
     seed: int = 0
     train_batch_size: int = 8
     eval_batch_size: int = 8
@@ -94,7 +98,13 @@ def build_model(spec: JobSpec) -> Any:  # an AnomalibModule; typed loosely to ke
     size = (spec.image_size, spec.image_size)
     if spec.family == "contnet_padim":
         # ConTNetPaDiM's own pre-processor normalises with the backbone's training statistics.
-        return ConTNetPaDiM(**spec.init_args, image_size=size, **raw_outputs)
+        model = ConTNetPaDiM(**spec.init_args, image_size=size, **raw_outputs)
+        if spec.crop_resize is not None:
+            model.pre_processor = _centre_crop_pre_processor(spec.crop_resize, size, model)
+        return model
+    if spec.crop_resize is not None:
+        msg = "the centre-crop choice is implemented for ConTNetPaDiM only"
+        raise ValueError(msg)
     families = {"padim": Padim, "patchcore": Patchcore}
     if spec.family not in families:
         msg = f"unknown model family {spec.family!r}; expected contnet_padim, padim or patchcore"
@@ -103,6 +113,26 @@ def build_model(spec: JobSpec) -> Any:  # an AnomalibModule; typed loosely to ke
     # Same input for every model: resize to image_size, no centre crop (a crop would cut defects off the masks).
     pre_processor = model_class.configure_pre_processor(image_size=size)
     return model_class(**spec.init_args, pre_processor=pre_processor, **raw_outputs)
+
+
+def _centre_crop_pre_processor(resize_side: int, size: tuple[int, int], model: Any) -> Any:
+    """Resize to ``resize_side``, cut the central ``size``, normalise like the backbone; masks follow the image.
+
+    Replaces the model's pre-processor before ``Engine.fit``, which collects it as a callback then,
+    so the crop applies to training, prediction and the masks the pixel metrics read.
+    """
+    from anomalib.pre_processing import PreProcessor  # noqa: PLC0415
+    from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize  # noqa: PLC0415
+
+    mean, std = model.model.feature_extractor.normalization
+    transform = Compose(
+        [
+            Resize((resize_side, resize_side), antialias=True),
+            CenterCrop(size),
+            Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+    return PreProcessor(transform=transform)
 
 
 def run_job(spec: JobSpec) -> JobResult:
@@ -125,7 +155,12 @@ def _run(spec: JobSpec, result: JobResult) -> None:
     from anomalib.engine import Engine  # noqa: PLC0415
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
-    from anomalib_contnet.benchmark.metrics import collect_raw_scores, localisation_aupro, roc_curve  # noqa: PLC0415
+    from anomalib_contnet.benchmark.metrics import (  # noqa: PLC0415
+        collect_raw_scores,
+        localisation_aupro,
+        native_size_pixel_roc,
+        roc_curve,
+    )
 
     seed_everything(spec.seed, workers=True)  # random initialisation, channel subsets and coreset start
     model = build_model(spec)
@@ -171,7 +206,10 @@ def _run(spec: JobSpec, result: JobResult) -> None:
     started = time.perf_counter()
     result.image_auroc = roc_curve(scores.image_scores, scores.image_labels).auc
     if spec.pixel_labels and scores.masks is not None:
-        result.pixel_auroc = roc_curve(scores.anomaly_maps, scores.masks).auc
+        if spec.pixel_eval == "native":
+            result.pixel_auroc = native_size_pixel_roc(scores).auc
+        else:
+            result.pixel_auroc = roc_curve(scores.anomaly_maps, scores.masks).auc
         result.aupro = localisation_aupro(scores.anomaly_maps, scores.masks)
     result.timings["metrics_s"] = time.perf_counter() - started
 
