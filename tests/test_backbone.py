@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from anomalib_contnet.backbones.contnet import (
+    CONTNET_CFGS,
     STAGE_NAMES,
     ConTBlock,
     ConTNet,
     ConTNetConfig,
     create_contnet,
     list_contnet_variants,
+    shortcut_of_state_dict,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -96,6 +98,43 @@ def test_avg_down_changes_exactly_the_three_strided_shortcuts() -> None:
         )
         for stage, last in ((1, 2), (2, 3), (3, 5))
     ]
+
+
+def test_variant_defaults_are_the_shortcut_of_the_published_download() -> None:
+    """contnet_b.pth (the only stable B download) is the avg-down network; the others default to strided."""
+    assert {name: config.avg_down for name, config in CONTNET_CFGS.items()} == {
+        "contnet_ti": False,
+        "contnet_s": False,
+        "contnet_m": False,
+        "contnet_b": True,
+    }
+    default_b = [(key, tuple(value.shape)) for key, value in create_contnet("contnet_b").state_dict().items()]
+    assert default_b == [(key, shape) for key, shape, _ in read_key_file(KEYS / "ConT-B_avgdown.tsv")]
+    assert create_contnet("contnet_b", avg_down=False).config.avg_down is False
+    assert create_contnet("contnet_ti", avg_down=True).config.avg_down is True
+
+
+def meta_state(key_file: str) -> dict[str, torch.Tensor]:
+    """A state_dict of the published key list with shape-only tensors (the detection reads keys only)."""
+    return {key: torch.empty(shape, device="meta") for key, shape, _ in read_key_file(KEYS / key_file)}
+
+
+@pytest.mark.parametrize(("key_file", "expected"), [(file, avg_down) for (_, avg_down), file in KEY_FILES.items()])
+def test_shortcut_of_the_published_key_lists(key_file: str, expected: bool) -> None:
+    assert shortcut_of_state_dict(meta_state(key_file)) is expected
+
+
+def test_shortcut_of_partial_and_mixed_state_dicts() -> None:
+    state = meta_state("ConT-B.tsv")
+    assert shortcut_of_state_dict({key: state[key] for key in ("fc.weight", "fc.bias")}) is None
+    stage4 = "layer4.ConTBlock2.downsample.conv.weight"  # stride 1: spelled alike in both networks
+    assert shortcut_of_state_dict({stage4: state[stage4]}) is None
+    mixed = dict(state)
+    mixed["layer2.ConTBlock3.downsample.conv.conv.weight"] = mixed.pop("layer2.ConTBlock3.downsample.conv.weight")
+    with pytest.raises(ValueError, match=r"mixes both shortcut spellings") as raised:
+        shortcut_of_state_dict(mixed)
+    assert "layer2.ConTBlock3.downsample.conv.conv.weight" in str(raised.value)
+    assert "layer1.ConTBlock2.downsample.conv.weight" in str(raised.value)
 
 
 @pytest.mark.parametrize("variant", sorted(PUBLISHED_PARAMETERS))

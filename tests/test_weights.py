@@ -1,16 +1,20 @@
 """Weight resolution, downloads (real HTTP on 127.0.0.1), checkpoint validation and the ``weights`` CLI.
 
-Models are a tiny ConTNet config or ConTNet-Ti, so the whole file runs in seconds.
+Models are a tiny ConTNet config or ConTNet-Ti, so most of the file runs in seconds; the
+shortcut-network section also builds two random ConTNet-B, because only B has key
+files of both shortcut networks.
 Network access other than 127.0.0.1 is never needed: every test starts in
 offline mode and only the download tests switch it off.
 """
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import contextlib
 import hashlib
 import http.server
+import logging
 import os
 import shutil
 import socket
@@ -36,6 +40,7 @@ from anomalib_contnet.backbones.weights import (
     load_checkpoint_file,
     pretrained_contnet,
     resolve_weights,
+    validated_state_dict,
 )
 from anomalib_contnet.cli import main
 
@@ -655,3 +660,242 @@ def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None
     assert str(text) in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "cache" / "contnet_ti.pth").exists()
+
+
+# ------------------------------------------------------------------------------- the two shortcut networks
+# A checkpoint of the strided network and one of the avg-down network, made with our builder and checked against
+# the published key files, must come back as the network they were saved from through every way of loading weights,
+# and be refused when the other network is forced: that network computes other features from the same tensors.
+
+KEY_FILES = Path(__file__).parent / "data" / "contnet_keys"
+SPELLING = {False: "downsample.conv", True: "downsample.conv.conv"}
+LABEL = {False: "strided", True: "avg-down"}
+
+
+def key_file(name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``(key, shape)`` rows of a published key list, in order."""
+    rows = [line.split("\t") for line in (KEY_FILES / name).read_text().splitlines() if line.strip()]
+    return [(key, tuple(ast.literal_eval(shape))) for key, shape, _dtype in rows]
+
+
+def respelled(key: str, to_avg_down: bool) -> str:
+    """A stride-2 shortcut key in the other network's spelling; every other key unchanged."""
+    if not key.startswith(("layer1.", "layer2.", "layer3.")) or ".downsample." not in key:
+        return key
+    return key.replace(f"{SPELLING[not to_avg_down]}.weight", f"{SPELLING[to_avg_down]}.weight")
+
+
+def avg_down_key_file(plain_file: str) -> list[tuple[str, tuple[int, ...]]]:
+    """A strided key list respelled as avg-down, by the rule that the two published ConT-B lists show."""
+    plain, avg_down = key_file("ConT-B.tsv"), key_file("ConT-B_avgdown.tsv")
+    assert [(respelled(key, True), shape) for key, shape in plain] == avg_down
+    return [(respelled(key, True), shape) for key, shape in key_file(plain_file)]
+
+
+def state_rows(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+    return [(key, tuple(value.shape)) for key, value in state.items()]
+
+
+def assert_same_outputs(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert list(actual) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@dataclass(frozen=True)
+class SavedNetwork:
+    """A checkpoint file of one shortcut network and the stage outputs of the model it was saved from."""
+
+    avg_down: bool
+    path: Path
+    state: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def ti_networks(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, SavedNetwork]:
+    """ConTNet-Ti of each shortcut network (Ti's stages 1-3 end in stride-2 blocks too), saved as published files."""
+    folder = tmp_path_factory.mktemp("shortcut_networks")
+    expected = {False: key_file("ConT-Ti.tsv"), True: avg_down_key_file("ConT-Ti.tsv")}
+    networks = {}
+    for avg_down in (False, True):
+        torch.manual_seed(7)  # same tensors for both: only the shortcut computation differs
+        source = create_contnet("contnet_ti", avg_down=avg_down).eval()
+        state = source.state_dict()
+        assert state_rows(state) == expected[avg_down]
+        path = folder / LABEL[avg_down] / "contnet_ti.pth"
+        path.parent.mkdir()
+        torch.save(state, path)
+        networks[avg_down] = SavedNetwork(avg_down, path, state, outputs(source))
+    return networks
+
+
+@pytest.mark.parametrize("avg_down", [False, True], ids=["strided", "avg_down"])
+def test_the_other_network_computes_other_features_from_the_same_tensors(
+    ti_networks: dict[bool, SavedNetwork], avg_down: bool
+) -> None:
+    """Why the spellings must not be mapped: renamed into the other network, the weights compute other features."""
+    saved = ti_networks[avg_down]
+    other = create_contnet("contnet_ti", avg_down=not avg_down).eval()
+    renamed = {respelled(key, not avg_down): value for key, value in saved.state.items()}  # the old loader's mapping
+    other.load_state_dict(renamed, strict=True)  # loads without any error
+    features = outputs(other)
+    assert torch.equal(features["layer0"], saved.outputs["layer0"])  # the stem has no shortcut
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        assert not torch.allclose(features[name], saved.outputs[name], rtol=1e-3, atol=1e-3), name
+
+
+def load_from_explicit_file(saved: SavedNetwork, **_: object) -> dict[str, object]:
+    return {"weights": str(saved.path)}
+
+
+def load_from_environment(saved: SavedNetwork, monkeypatch: pytest.MonkeyPatch, **_: object) -> dict[str, object]:
+    monkeypatch.setenv("ANOMALIB_CONTNET_WEIGHTS", str(saved.path.parent))  # a folder holding contnet_ti.pth
+    return {"pretrained": True}
+
+
+def load_from_cache(saved: SavedNetwork, cache: Path, **_: object) -> dict[str, object]:
+    cache.mkdir()
+    shutil.copyfile(saved.path, cache / "contnet_ti.pth")
+    return {"pretrained": True}
+
+
+def load_from_default_download(
+    saved: SavedNetwork, monkeypatch: pytest.MonkeyPatch, server: FileServer, **_: object
+) -> dict[str, object]:
+    monkeypatch.delenv("ANOMALIB_CONTNET_OFFLINE")
+    url = server.add("/w_contnet/contnet_ti.pth", saved.path.read_bytes())
+    monkeypatch.setitem(PUBLISHED_WEIGHTS, "contnet_ti", PublishedWeights("contnet_ti", "contnet_ti.pth", url))
+    return {"pretrained": True}
+
+
+def load_from_url(
+    saved: SavedNetwork, monkeypatch: pytest.MonkeyPatch, server: FileServer, **_: object
+) -> dict[str, object]:
+    monkeypatch.delenv("ANOMALIB_CONTNET_OFFLINE")
+    return {"weights": server.add("/mirror/contnet_ti.pth", saved.path.read_bytes())}
+
+
+def load_after_weights_import(
+    saved: SavedNetwork, capsys: pytest.CaptureFixture[str], **_: object
+) -> dict[str, object]:
+    assert main(["weights", "import", "contnet_ti", str(saved.path)]) == 0
+    assert f"({LABEL[saved.avg_down]} shortcut: the file spells {SPELLING[saved.avg_down]})" in capsys.readouterr().out
+    return {"pretrained": True}
+
+
+def load_after_weights_download(
+    saved: SavedNetwork, server: FileServer, capsys: pytest.CaptureFixture[str], **_: object
+) -> dict[str, object]:
+    url = server.add("/mirror/contnet_ti.pth", saved.path.read_bytes())
+    assert main(["weights", "download", "contnet_ti", "--url", url]) == 0
+    assert f"({LABEL[saved.avg_down]} shortcut: the file spells {SPELLING[saved.avg_down]})" in capsys.readouterr().out
+    return {"pretrained": True}
+
+
+ENTRY_POINTS: dict[str, Callable[..., dict[str, object]]] = {
+    "explicit_file": load_from_explicit_file,
+    "environment_variable": load_from_environment,
+    "cache": load_from_cache,
+    "default_download": load_from_default_download,
+    "explicit_url": load_from_url,
+    "weights_import": load_after_weights_import,
+    "weights_download": load_after_weights_download,
+}
+
+
+@pytest.mark.parametrize("avg_down", [False, True], ids=["strided", "avg_down"])
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+def test_every_entry_point_builds_the_network_the_checkpoint_was_saved_from(
+    entry_point: str,
+    avg_down: bool,
+    ti_networks: dict[bool, SavedNetwork],
+    isolated_environment: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    file_server: FileServer,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    saved = ti_networks[avg_down]
+    source = ENTRY_POINTS[entry_point](
+        saved, monkeypatch=monkeypatch, cache=isolated_environment, server=file_server, capsys=capsys
+    )
+    caplog.set_level(logging.INFO, logger="anomalib_contnet.backbones.weights")
+    model = create_contnet("contnet_ti", **source).eval()
+    assert model.config.avg_down is avg_down
+    assert_same_outputs(outputs(model), saved.outputs)
+    assert f"built contnet_ti with the {LABEL[avg_down]} shortcut: " in caplog.text
+    assert f" spells {SPELLING[avg_down]}\n" in caplog.text
+    with pytest.raises(WeightsError, match=rf"avg_down={not avg_down} asks for the {LABEL[not avg_down]} shortcut"):
+        create_contnet("contnet_ti", avg_down=not avg_down, **source)
+    assert all(count <= 1 for count in file_server.requests.values())  # the download happened once, then the cache
+
+
+@pytest.mark.parametrize("avg_down", [False, True], ids=["strided", "avg_down"])
+def test_a_model_of_the_other_network_refuses_the_checkpoint(
+    ti_networks: dict[bool, SavedNetwork], avg_down: bool
+) -> None:
+    """validated_state_dict (the check every loader runs) names the file's network and the fix."""
+    saved = ti_networks[avg_down]
+    agreeing = create_contnet("contnet_ti", weights=str(saved.path), avg_down=avg_down)
+    assert agreeing.config.avg_down is avg_down
+    other = create_contnet("contnet_ti", avg_down=not avg_down)
+    with pytest.raises(WeightsError, match=rf"holds the {LABEL[avg_down]} ConTNet.*avg_down={avg_down}") as raised:
+        validated_state_dict(other, torch.load(saved.path, weights_only=True), saved.path)
+    assert str(saved.path) in str(raised.value)
+
+
+def test_cli_list_shows_the_shortcut_of_each_file(
+    ti_networks: dict[bool, SavedNetwork],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def listed() -> dict[str, str]:
+        assert main(["weights", "list"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return {line.split()[0]: line for line in lines if " params " in line}
+
+    defaults = listed()
+    assert "missing" in defaults["contnet_b"]
+    assert "avg-down (default)" in defaults["contnet_b"]
+    for name in ("contnet_ti", "contnet_s", "contnet_m"):
+        assert "strided (default)" in defaults[name]
+    assert main(["weights", "import", "contnet_ti", str(ti_networks[True].path)]) == 0
+    cached = listed()["contnet_ti"]
+    assert " cached " in cached
+    assert "avg-down (downsample.conv.conv)" in cached
+    monkeypatch.setenv("ANOMALIB_CONTNET_WEIGHTS", str(ti_networks[False].path.parent))
+    found = listed()["contnet_ti"]
+    assert " found " in found
+    assert "strided (downsample.conv)" in found
+    assert str(ti_networks[False].path) in found
+
+
+@pytest.mark.parametrize("avg_down", [False, True], ids=["strided", "avg_down"])
+def test_contnet_b_default_download_runs_the_network_it_was_saved_from(
+    avg_down: bool, isolated_environment: Path, monkeypatch: pytest.MonkeyPatch, file_server: FileServer
+) -> None:
+    """Full ConTNet-B of each network, checked against ConT-B.tsv / ConT-B_avgdown.tsv, served as the default URL.
+
+    The headless build is what ConTNetPaDiM() constructs; the avg-down case is
+    the published contnet_b.pth as the SPEC's evidence describes it.
+    """
+    torch.manual_seed(11)
+    source = create_contnet("contnet_b", avg_down=avg_down).eval()
+    state = source.state_dict()
+    assert state_rows(state) == key_file("ConT-B_avgdown.tsv" if avg_down else "ConT-B.tsv")
+    path = isolated_environment.parent / "served.pth"
+    torch.save(CHECKPOINT_FORMS["authors_ddp_training"](state), path)
+    expected = outputs(source)
+    del source, state
+    url = file_server.add("/w_contnet/contnet_b.pth", path.read_bytes())
+    path.unlink()
+    monkeypatch.setitem(PUBLISHED_WEIGHTS, "contnet_b", PublishedWeights("contnet_b", "contnet_b.pth", url))
+    monkeypatch.delenv("ANOMALIB_CONTNET_OFFLINE")
+
+    model = create_contnet("contnet_b", pretrained=True, num_classes=0).eval()
+    assert model.config.avg_down is avg_down
+    assert_same_outputs(outputs(model), expected)
+    with pytest.raises(WeightsError, match=rf"avg_down={not avg_down} asks for the {LABEL[not avg_down]} shortcut"):
+        create_contnet("contnet_b", pretrained=True, avg_down=not avg_down, num_classes=0)
+    assert file_server.requests["/w_contnet/contnet_b.pth"] == 1
