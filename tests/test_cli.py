@@ -102,12 +102,3 @@ def test_ddp_on_two_processes_gives_the_same_gaussian_as_one(tiny_mvtec, tmp_pat
     assert set(single) == {"model.gaussian.mean", "model.gaussian.precision_factor"}
     for key, value in single.items():
         torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("config", ["contnet_padim_mvtec.yaml", "contnet_padim_offline.yaml"])
-def test_shipped_configs_parse_with_the_stock_cli(config: str, tmp_path: Path) -> None:
-    repo = Path(__file__).resolve().parents[1]
-    output = run_anomalib("train", "--config", str(repo / "configs" / config), "--print_config", cwd=tmp_path)
-    assert "class_path: anomalib_contnet.ConTNetPaDiM" in output
-    assert "- layer3" in output
-    assert "- layer4" in output
