@@ -1,39 +1,83 @@
 """``anomalib-contnet``: the tasks around the model that anomalib's own CLI does not cover.
 
 Each command group lives next to the code it drives and contributes its
-sub-parser through a ``register(subparsers)`` function; this module only
-assembles them, so a new group is one import and one line here.
+sub-parser through a ``register(subparsers)`` function. This module imports a
+group's module only when that group is on the command line, so ``--help`` and
+the ``weights`` commands load neither anomalib nor the model; the top-level help
+lists the groups from :data:`COMMAND_GROUPS`. A new group is one entry there.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from anomalib_contnet.backbones import weights_cli
-from anomalib_contnet.benchmark import cli as benchmark_cli
-from anomalib_contnet.data import cli as data_cli
-from anomalib_contnet.demo import cli as demo_cli
+__all__ = ["COMMAND_GROUPS", "CommandGroup", "build_parser", "main", "needs_model"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Assemble the parser from every command group."""
+@dataclass(frozen=True)
+class CommandGroup:
+    """Where a command group's ``register(subparsers)`` lives, its line in the top-level help, what it loads."""
+
+    module: str
+    summary: str
+    needs_model: bool
+    """True when the group uses anomalib or the model, so the package must be fully imported (registered) first."""
+
+
+COMMAND_GROUPS: dict[str, CommandGroup] = {
+    "weights": CommandGroup(
+        "anomalib_contnet.backbones.weights_cli", "list, download and import ConTNet ImageNet checkpoints", False
+    ),
+    "data": CommandGroup("anomalib_contnet.data.cli", "prepare offline datasets in MVTec AD layout", True),
+    "benchmark": CommandGroup(
+        "anomalib_contnet.benchmark.cli",
+        "ConTNetPaDiM vs anomalib Padim/Patchcore on the same data: CSV + markdown table",
+        True,
+    ),
+    "demo": CommandGroup(
+        "anomalib_contnet.demo.cli",
+        "offline end-to-end demo: data, training, test, OpenVINO export, report with figures",
+        True,
+    ),
+}
+
+
+def _requested_group(argv: Sequence[str]) -> str | None:
+    """The command group named on the command line (its first word that is not an option), if any."""
+    first_word = next((word for word in argv if not word.startswith("-")), None)
+    return first_word if first_word in COMMAND_GROUPS else None
+
+
+def needs_model(argv: Sequence[str]) -> bool:
+    """Whether the command in ``argv`` needs anomalib and the registered model (see :class:`CommandGroup`)."""
+    group = _requested_group(argv)
+    return group is not None and COMMAND_GROUPS[group].needs_model
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser with the full sub-parser of the group named in ``argv``, and a help line for the others."""
     parser = argparse.ArgumentParser(
         prog="anomalib-contnet",
         description="Weights, offline data, side-by-side benchmark and demo for the ConTNetPaDiM anomalib plugin.",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{weights,data,benchmark,demo}")
-    weights_cli.register(groups)
-    data_cli.register(groups)
-    benchmark_cli.register(groups)
-    demo_cli.register(groups)
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{" + ",".join(COMMAND_GROUPS) + "}")
+    requested = _requested_group(argv)
+    for name, group in COMMAND_GROUPS.items():
+        if name == requested:
+            importlib.import_module(group.module).register(groups)
+        else:
+            groups.add_parser(name, help=group.summary)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(arguments).parse_args(arguments)
     return int(args.handler(args) or 0)
 
 

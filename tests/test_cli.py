@@ -1,18 +1,29 @@
-"""The stock ``anomalib`` command line drives ConTNetPaDiM: train, test, multi-process DDP."""
+"""Command lines: the stock ``anomalib`` one drives ConTNetPaDiM (train, test, multi-process DDP).
+
+``anomalib-contnet`` is quick and quiet: no anomalib for ``--help`` and ``weights``, and the known third-party
+warnings filtered by their exact text.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from anomalib_contnet.warning_filters import KNOWN_LOG_MESSAGES, KNOWN_WARNINGS, install_warning_filters
+
 ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
+ANOMALIB_CONTNET = str(Path(sys.executable).with_name("anomalib-contnet"))
+HEAVY_PACKAGES = {"anomalib", "lightning", "timm", "torchvision", "openvino"}
 
 
 def run_anomalib(*arguments: str, cwd: Path) -> str:
@@ -102,3 +113,124 @@ def test_ddp_on_two_processes_gives_the_same_gaussian_as_one(tiny_mvtec, tmp_pat
     assert set(single) == {"model.gaussian.mean", "model.gaussian.precision_factor"}
     for key, value in single.items():
         torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=1e-5)
+
+
+def run_anomalib_contnet(*arguments: str) -> tuple[str, str, set[str]]:
+    """Run the installed console script with ``-X importtime``; return stdout, the other stderr, imported modules."""
+    environment = os.environ | {"PYTHONPROFILEIMPORTTIME": "1", "ANOMALIB_CONTNET_OFFLINE": "1", "COLUMNS": "200"}
+    result = subprocess.run(
+        [ANOMALIB_CONTNET, *arguments], env=environment, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    other = "\n".join(line for line in lines if not line.startswith("import time:"))
+    return result.stdout, other, imported
+
+
+def top_level(modules: set[str]) -> set[str]:
+    return {name.split(".")[0] for name in modules}
+
+
+def test_help_imports_neither_anomalib_nor_torch() -> None:
+    stdout, stderr, imported = run_anomalib_contnet("--help")
+    for group in ("weights", "data", "benchmark", "demo"):
+        assert re.search(rf"^\s+{group}\s+\S", stdout, re.MULTILINE), f"{group} missing from the help:\n{stdout}"
+    assert not top_level(imported) & (HEAVY_PACKAGES | {"torch"})
+    assert "anomalib_contnet.models" not in imported
+    assert stderr == ""
+
+
+def test_weights_list_imports_no_anomalib() -> None:
+    """The parameter counts come from the model built on torch's meta device, so torch (only) is loaded."""
+    stdout, stderr, imported = run_anomalib_contnet("weights", "list")
+    assert re.search(r"^contnet_b\s+[0-9,]+ params", stdout, re.MULTILINE), stdout
+    assert not top_level(imported) & HEAVY_PACKAGES
+    assert "anomalib_contnet.models" not in imported
+    assert stderr == ""
+
+
+@pytest.mark.slow
+def test_commands_that_need_the_model_register_it_and_print_no_known_warning() -> None:
+    """``data`` imports the package (so anomalib and the plugin); the filters are in place before anomalib loads."""
+    _, stderr, imported = run_anomalib_contnet("data", "prepare", "textures", "--help")
+    assert {"anomalib.models", "anomalib_contnet.models"} <= imported
+    assert "Warning" not in stderr, stderr
+
+
+def test_known_warnings_are_the_ones_anomalib_prints_when_it_loads() -> None:
+    """The import-time entries match, to the letter, what importing anomalib.models prints (in a fresh process)."""
+    script = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import anomalib.models\n"
+        "for warning in seen:\n"
+        "    print(warning.category.__name__, str(warning.message).replace(chr(10), ' '), sep='|')\n"
+    )
+    environment = os.environ | {"ANOMALIB_CONTNET_NO_AUTOLOAD": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300, check=True
+    )
+    seen = {tuple(line.split("|", 1)) for line in result.stdout.splitlines()}
+    future = {message for category, message in seen if category == "FutureWarning"}
+    known = {known.text for known in KNOWN_WARNINGS if known.category is FutureWarning}
+    assert future, "anomalib no longer prints FutureWarnings on import: check the list in warning_filters"
+    assert future <= known
+
+
+@pytest.fixture
+def restore_filters() -> Iterator[None]:
+    """Undo what install_warning_filters does to this process (warning filters, logger filters)."""
+    loggers = [logging.getLogger(name) for name in KNOWN_LOG_MESSAGES]
+    saved = [list(logger.filters) for logger in loggers]
+    with warnings.catch_warnings():
+        yield
+    for logger, filters in zip(loggers, saved, strict=True):
+        logger.filters[:] = filters
+
+
+@pytest.mark.usefixtures("restore_filters")
+def test_filters_match_the_exact_text_and_nothing_broader() -> None:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        install_warning_filters()
+        for known in KNOWN_WARNINGS:
+            text = known.text.replace("<n>", "266")
+            warnings.warn(text, known.category, stacklevel=1)
+            warnings.warn(text + " Something new.", known.category, stacklevel=1)
+            warnings.warn("Note: " + text, known.category, stacklevel=1)
+    assert len(seen) == 2 * len(KNOWN_WARNINGS)
+    assert all(
+        str(warning.message).startswith("Note: ") or "Something new." in str(warning.message) for warning in seen
+    )
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.usefixtures("restore_filters")
+def test_lightning_tip_is_silenced_and_other_lightning_messages_are_not() -> None:
+    """A real Trainer logs the tip word for word (so the entry still matches), and not once the filters are in."""
+    from lightning.pytorch import Trainer  # noqa: PLC0415  (heavy; only this test needs it)
+
+    (logger_name, tips), *_ = KNOWN_LOG_MESSAGES.items()
+    logger = logging.getLogger(logger_name)
+    records = _Records()
+    logger.addHandler(records)
+    try:
+        Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+        assert set(records.messages) & tips, f"Lightning's tip changed; it logged: {records.messages}"
+        records.messages.clear()
+        install_warning_filters()
+        Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    finally:
+        logger.removeHandler(records)
+    assert records.messages, "the filter should drop the tip only, not Lightning's other messages"
+    assert not set(records.messages) & tips

@@ -1,0 +1,104 @@
+"""Silence the third-party messages that users of this package cannot act on, each matched by its exact text.
+
+Only the package's own entry points install these filters (the ``anomalib-contnet`` command, and so the demo,
+and the benchmark's worker processes); importing the package changes no filter. Each entry below was seen in the
+output of ``anomalib-contnet demo --tiny``, ``anomalib-contnet`` commands or ``anomalib predict`` with anomalib 2.7,
+timm 1.0, Lightning 2.6 and torch 2.14. A message that differs in any word (a newer version saying something new)
+still shows. Only the standard library is imported here, so the filters can be in place before anything else loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+
+__all__ = ["KNOWN_LOG_MESSAGES", "KNOWN_WARNINGS", "KnownWarning", "install_warning_filters"]
+
+
+@dataclass(frozen=True)
+class KnownWarning:
+    """One warning by its whole text; ``<n>`` stands for a number that varies between runs."""
+
+    text: str
+    category: type[Warning]
+    reason: str
+
+    def pattern(self) -> str:
+        """The regular expression that matches exactly this text, from its start to its end."""
+        return re.escape(self.text).replace("<n>", r"\d+") + r"\Z"
+
+
+KNOWN_WARNINGS: tuple[KnownWarning, ...] = (
+    KnownWarning(
+        "Importing from timm.models.layers is deprecated, please import via timm.layers",
+        FutureWarning,
+        "anomalib 2.7 imports the old timm path when anomalib.models loads",
+    ),
+    KnownWarning(
+        "The anomalib.models.components.dinov2 package is deprecated and will be removed in a future release. "
+        "Please use the timm-based feature extractor instead: "
+        "anomalib.models.components.feature_extractors.TimmFeatureExtractor",
+        FutureWarning,
+        "anomalib's own Dinomaly model imports it when anomalib.models loads",
+    ),
+    KnownWarning(
+        "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` "
+        "instead.",
+        FutureWarning,
+        "Lightning 2.6 uses a torch 2.14 class that torch has deprecated, on every batch it moves",
+    ),
+    KnownWarning(
+        "`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer",
+        UserWarning,
+        "ConTNetPaDiM is fitted without gradients, like anomalib's Padim: there is nothing to optimise",
+    ),
+    KnownWarning(
+        "Found <n> module(s) in eval mode at the start of training. This may lead to unexpected behavior during "
+        "training. If this is intentional, you can ignore this warning.",
+        UserWarning,
+        "the frozen backbone stays in eval mode on purpose",
+    ),
+    KnownWarning(
+        "'pin_memory' argument is set as true but no accelerator is found, then device pinned memory won't be used",
+        UserWarning,
+        "anomalib's predict builds its DataLoader with pin_memory=True, also on CPU-only machines",
+    ),
+)
+
+KNOWN_LOG_MESSAGES: dict[str, frozenset[str]] = {
+    # Lightning's advertising tips, logged at INFO on every Trainer set-up.
+    "lightning.pytorch.utilities.rank_zero": frozenset(
+        {
+            "💡 Tip: For seamless cloud logging and experiment tracking, try installing "
+            "[litlogger](https://pypi.org/project/litlogger/) to enable LitLogger, which logs metrics and artifacts "
+            "automatically to the Lightning Experiments platform.",
+            "💡 Tip: For seamless cloud uploads and versioning, try installing "
+            "[litmodels](https://pypi.org/project/litmodels/) to enable LitModelCheckpoint, which syncs "
+            "automatically with the Lightning model registry.",
+        }
+    ),
+}
+"""Logger name -> exact messages of log records to drop."""
+
+
+class _DropExactMessages(logging.Filter):
+    """A logger filter that drops records whose formatted message is one of ``messages``."""
+
+    def __init__(self, messages: frozenset[str]) -> None:
+        super().__init__()
+        self.messages = messages
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.messages
+
+
+def install_warning_filters() -> None:
+    """Ignore :data:`KNOWN_WARNINGS` and drop :data:`KNOWN_LOG_MESSAGES` (idempotent)."""
+    for known in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=known.pattern(), category=known.category)
+    for logger_name, messages in KNOWN_LOG_MESSAGES.items():
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(existing, _DropExactMessages) for existing in logger.filters):
+            logger.addFilter(_DropExactMessages(messages))
