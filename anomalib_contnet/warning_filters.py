@@ -14,7 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-__all__ = ["KNOWN_LOG_MESSAGES", "KNOWN_WARNINGS", "KnownWarning", "install_warning_filters"]
+__all__ = ["KNOWN_WARNINGS", "LIGHTNING_TIPS", "RANK_ZERO_LOGGERS", "KnownWarning", "install_warning_filters"]
 
 
 @dataclass(frozen=True)
@@ -67,20 +67,27 @@ KNOWN_WARNINGS: tuple[KnownWarning, ...] = (
     ),
 )
 
-KNOWN_LOG_MESSAGES: dict[str, frozenset[str]] = {
-    # Lightning's advertising tips, logged at INFO on every Trainer set-up.
-    "lightning.pytorch.utilities.rank_zero": frozenset(
-        {
-            "💡 Tip: For seamless cloud logging and experiment tracking, try installing "
-            "[litlogger](https://pypi.org/project/litlogger/) to enable LitLogger, which logs metrics and artifacts "
-            "automatically to the Lightning Experiments platform.",
-            "💡 Tip: For seamless cloud uploads and versioning, try installing "
-            "[litmodels](https://pypi.org/project/litmodels/) to enable LitModelCheckpoint, which syncs "
-            "automatically with the Lightning model registry.",
-        }
-    ),
-}
-"""Logger name -> exact messages of log records to drop."""
+LIGHTNING_TIPS = frozenset(
+    {
+        "💡 Tip: For seamless cloud logging and experiment tracking, try installing "
+        "[litlogger](https://pypi.org/project/litlogger/) to enable LitLogger, which logs metrics and artifacts "
+        "automatically to the Lightning Experiments platform.",
+        "💡 Tip: For seamless cloud uploads and versioning, try installing "
+        "[litmodels](https://pypi.org/project/litmodels/) to enable LitModelCheckpoint, which syncs "
+        "automatically with the Lightning model registry.",
+    }
+)
+"""Lightning's advertising tips, logged at INFO level on every Trainer set-up."""
+
+RANK_ZERO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning_fabric.utilities.rank_zero",
+    "pytorch_lightning.utilities.rank_zero",
+)
+"""Lightning logs the tips through ``lightning_utilities``' rank-zero logger, which each of these modules replaces
+with its own when imported: which one is active depends on import order (the demo ends up on
+``lightning_fabric``'s, a plain ``import lightning.pytorch`` on ``lightning.pytorch``'s)."""
 
 
 class _DropExactMessages(logging.Filter):
@@ -95,10 +102,10 @@ class _DropExactMessages(logging.Filter):
 
 
 def install_warning_filters() -> None:
-    """Ignore :data:`KNOWN_WARNINGS` and drop :data:`KNOWN_LOG_MESSAGES` (idempotent)."""
+    """Ignore :data:`KNOWN_WARNINGS` and drop :data:`LIGHTNING_TIPS` (idempotent)."""
     for known in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=known.pattern(), category=known.category)
-    for logger_name, messages in KNOWN_LOG_MESSAGES.items():
+    for logger_name in RANK_ZERO_LOGGERS:
         logger = logging.getLogger(logger_name)
         if not any(isinstance(existing, _DropExactMessages) for existing in logger.filters):
-            logger.addFilter(_DropExactMessages(messages))
+            logger.addFilter(_DropExactMessages(LIGHTNING_TIPS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -144,6 +145,21 @@ def test_start_file_alone_registers_the_plugin_once(wheel_environment: Path, tmp
         "watchers left: 0",
         "registered: True",
     ]
+
+
+@pytest.mark.slow
+def test_wheel_console_script_answers_help_without_anomalib(wheel_environment: Path, tmp_path: Path) -> None:
+    """The wheel ships the console script's entry module (outside the package) and its quick path."""
+    result = subprocess.run(
+        [str(wheel_environment.with_name("anomalib-contnet")), "--help"],
+        cwd=tmp_path, env=os.environ | {"PYTHONPROFILEIMPORTTIME": "1"},
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert "{weights,data,benchmark,demo}" in result.stdout
+    assert re.search(r"\| +anomalib_contnet_entry$", result.stderr, re.MULTILINE)
+    assert not re.search(r"\| +(anomalib|torch)$", result.stderr, re.MULTILINE)
+    entry_file = run([str(wheel_environment), "-c", "import anomalib_contnet_entry as e; print(e.__file__)"], tmp_path)
+    assert entry_file.startswith(str(wheel_environment.parents[1])), "the entry module did not come from the wheel"
 
 
 def test_autoload_can_be_disabled(tmp_path: Path) -> None:
