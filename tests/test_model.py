@@ -123,14 +123,22 @@ def test_trainer_arguments_leave_devices_to_the_user() -> None:
     assert not isinstance(model, Padim)
 
 
-def test_missing_pretrained_weights_fail_at_construction(tmp_path, monkeypatch) -> None:
+def test_missing_pretrained_weights_fail_when_fitting_starts(tiny_mvtec, tmp_path, monkeypatch) -> None:
+    """Construction looks for nothing (a checkpoint may follow); a fit fails before reading any image."""
+    from anomalib.data import MVTecAD  # noqa: PLC0415
+    from anomalib.engine import Engine  # noqa: PLC0415
+
     monkeypatch.setenv("ANOMALIB_CONTNET_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.delenv("ANOMALIB_CONTNET_WEIGHTS", raising=False)
     monkeypatch.setenv("ANOMALIB_CONTNET_OFFLINE", "1")
+    model = ConTNetPaDiM(backbone="contnet_ti", pre_trained=True)
+    root, category = tiny_mvtec
+    datamodule = MVTecAD(root=root, category=category, num_workers=0)
     with pytest.raises(WeightsError, match="pre_trained=False") as raised:
-        ConTNetPaDiM(backbone="contnet_b", pre_trained=True)
+        Engine(default_root_dir=tmp_path, logger=False).fit(model=model, datamodule=datamodule)
     assert "ANOMALIB_CONTNET_WEIGHTS" in str(raised.value)
     assert str(tmp_path / "empty-cache") in str(raised.value)
+    assert model.model.gaussian.count == 0
 
 
 def test_pre_processor_resizes_to_224_and_normalises_like_imagenet() -> None:

@@ -242,6 +242,11 @@ def write_bad_image(kind: str, path: Path) -> Path:
     elif kind == "truncated_png":
         Image.fromarray(smooth_rgb(5, 128, 128)).save(path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "truncated_jpeg":  # an interrupted copy: the header is intact, so only decoding finds the cut
+        Image.fromarray(smooth_rgb(6, 256, 256)).save(path, format="JPEG", quality=95)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "garbled_jpeg":  # the JPEG start marker, then bytes no decoder understands
+        path.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
     else:
         raise AssertionError(kind)
     return path
@@ -251,6 +256,8 @@ REJECTED_IMAGE_MESSAGES = {
     "gray16": r"more than 8 bits per pixel.*clips such values at 255.*mode I;16",
     "text": r"not readable images.*UnidentifiedImageError",
     "truncated_png": r"not readable images.*(truncated|Truncated)",
+    "truncated_jpeg": r"not readable images.*image file is truncated",
+    "garbled_jpeg": r"not readable images.*(UnidentifiedImageError|OSError|SyntaxError)",
 }
 
 
@@ -258,7 +265,7 @@ REJECTED_IMAGE_MESSAGES = {
 def test_unreadable_or_misread_image_is_named_before_prediction_starts(
     kind: str, small_runs: SmallRuns, tmp_path: Path
 ) -> None:
-    bad = write_bad_image(kind, tmp_path / f"{kind}.png")
+    bad = write_bad_image(kind, tmp_path / f"{kind}.{'jpg' if 'jpeg' in kind else 'png'}")
     with pytest.raises(ValueError, match=r"cannot use the prediction images") as raised:
         engine(tmp_path / "work").predict(model=small_model(), data_path=bad, ckpt_path=small_runs.first.checkpoint)
     assert str(bad) in str(raised.value)
@@ -276,13 +283,55 @@ def test_bad_training_image_is_named_before_fitting_starts(kind: str, tmp_path: 
     assert model.model.gaussian.count == 0  # refused before the first batch
 
 
-def test_truncated_jpeg_is_reported_by_pillow_without_the_file_name(small_runs: SmallRuns, tmp_path: Path) -> None:
-    """Known gap (docs/reliability.md): JPEG has no checksums, so only decoding finds the cut, mid-run."""
-    path = tmp_path / "cut.jpg"
-    Image.fromarray(smooth_rgb(6, 256, 256)).save(path, quality=95)
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(OSError, match="image file is truncated"):
-        engine(tmp_path / "work").predict(model=small_model(), data_path=path, ckpt_path=small_runs.first.checkpoint)
+@pytest.mark.parametrize(
+    ("split", "kind"),
+    [("train/good", "truncated_png"), ("test/spot", "truncated_png"), ("ground_truth/spot", "text")],
+)
+def test_damaged_file_in_any_mvtec_split_stops_the_fit_before_the_first_batch(
+    split: str, kind: str, tmp_path: Path
+) -> None:
+    """Training, test (the validation split comes from it) and mask files are all checked; nothing is saved."""
+    root = write_mvtec(tmp_path / "data", [(64, 64)] * 3)
+    name = "000_mask.png" if split.startswith("ground_truth") else "000.png"
+    bad = write_bad_image(kind, root / CATEGORY / split / name)
+    model, work = small_model(), tmp_path / "work"
+    with pytest.raises(ValueError, match=r"cannot use the (training|validation) images") as raised:
+        engine(work).fit(model=model, datamodule=datamodule(root))
+    assert str(bad) in str(raised.value)
+    assert model.model.gaussian.count == 0
+    assert not list(work.rglob("*.ckpt"))
+
+
+def write_folder_dataset(root: Path, bad_kind: str, bad_in: str) -> Path:
+    """A user's own JPEG photographs: good/ and defect/ folders, with one damaged file in ``bad_in``."""
+    for folder, seeds in (("good", range(4)), ("defect", range(50, 52))):
+        (root / folder).mkdir(parents=True)
+        for seed in seeds:
+            Image.fromarray(smooth_rgb(seed, 96, 128)).save(root / folder / f"{seed:03d}.jpg", quality=90)
+    return write_bad_image(bad_kind, root / bad_in / "damaged.jpg")
+
+
+@pytest.mark.parametrize(("bad_in", "kind"), [("good", "truncated_jpeg"), ("defect", "garbled_jpeg")])
+def test_damaged_jpeg_in_a_folder_dataset_is_named_before_the_first_batch(
+    bad_in: str, kind: str, tmp_path: Path
+) -> None:
+    bad = write_folder_dataset(tmp_path / "photos", kind, bad_in)
+    data = Folder(
+        name="photos",
+        root=tmp_path / "photos",
+        normal_dir="good",
+        abnormal_dir="defect",
+        val_split_mode="same_as_test",  # so every file is read by the fit, wherever the split puts it
+        num_workers=0,
+        seed=0,
+    )
+    model, work = small_model(), tmp_path / "work"
+    with pytest.raises(ValueError, match="(?s)" + REJECTED_IMAGE_MESSAGES[kind]) as raised:
+        engine(work).fit(model=model, datamodule=data)
+    assert str(bad) in str(raised.value)
+    assert "replace or remove them" in str(raised.value)
+    assert model.model.gaussian.count == 0
+    assert not list(work.rglob("*.ckpt"))
 
 
 def test_empty_training_folder_names_the_folder(tmp_path: Path) -> None:
@@ -373,13 +422,39 @@ def test_refitting_uses_the_new_images_and_mixed_sizes_share_a_batch(small_runs:
 
 
 # ------------------------------------------------------------------------------------------ non-finite values
-def test_backbone_weights_file_with_nan_is_refused_at_construction(tmp_path: Path) -> None:
+def test_backbone_weights_file_with_nan_is_refused_when_fitting_starts(small_runs: SmallRuns, tmp_path: Path) -> None:
     state = create_contnet("contnet_ti", num_classes=0).state_dict()
     state["layer2.ConTBlock0.ste1.attn.qkv.weight"][3, 5] = float("nan")
     path = tmp_path / "contnet_ti.pth"
     torch.save(state, path)
+    model = small_model(pre_trained=True, weights=str(path))
+    before = state_of(model)
     with pytest.raises(WeightsError, match=r"layer2\.ConTBlock0\.ste1\.attn\.qkv\.weight holds 1 NaN/Inf"):
-        small_model(pre_trained=True, weights=str(path))
+        engine(tmp_path / "work").fit(model=model, datamodule=datamodule(small_runs.root))
+    assert_state_unchanged(model, before)
+    assert model.model.gaussian.count == 0
+
+
+def test_factorisation_failure_names_the_causes_and_a_fix_that_works() -> None:
+    """Features of variance ~1e12 on 3 images: epsilon=1e-9 is lost in float64 rounding; the suggested one fits."""
+    embedding = torch.randn(3, N_FEATURES, 2, 2, generator=torch.Generator().manual_seed(0)) * 1e6
+    gaussian = StreamingGaussian(epsilon=1e-9)
+    gaussian.update(embedding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the singular-covariance warning of this regime, tested elsewhere
+        with pytest.raises(ValueError, match="not positive definite even with epsilon=1e-09") as raised:
+            gaussian.fit()
+    message = str(raised.value)
+    assert f"3 training images for {N_FEATURES} feature dimensions" in message
+    assert "constant or copies of each other" in message
+    suggested = float(re.search(r"raise epsilon to ([0-9.e+-]+) or more", message).group(1))
+    assert suggested > 1e-9
+    refit = StreamingGaussian(epsilon=suggested)
+    refit.update(embedding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refit.fit()
+    assert torch.isfinite(refit.precision_factor).all()
 
 
 def overflowing(model: ConTNetPaDiMModel) -> ConTNetPaDiMModel:

@@ -1,0 +1,70 @@
+"""Distributed fitting through the stock CLI when some processes hold no real training image.
+
+DistributedSampler gives every process the same number of samples by repeating
+some; with 3 images on 4 processes, one process gets only such padding. All
+processes must still agree on the total and fit the Gaussians one process would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from test_cli import ANOMALIB, run_anomalib, saved_gaussian, train_arguments
+
+from anomalib_contnet import ConTNetPaDiM
+
+FOUR_PROCESSES = ("--trainer.devices", "4", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
+
+
+def with_training_images(tiny_mvtec: tuple[Path, str], target: Path, keep: int) -> Path:
+    """A copy of the tiny dataset whose training folder holds only the first ``keep`` images."""
+    source_root, category = tiny_mvtec
+    shutil.copytree(source_root, target)
+    for image in sorted((target / category / "train" / "good").iterdir())[keep:]:
+        image.unlink()
+    return target
+
+
+@pytest.mark.slow
+def test_three_images_on_four_processes_fit_the_single_process_gaussian(tiny_mvtec, tmp_path: Path) -> None:
+    category = tiny_mvtec[1]
+    root = with_training_images(tiny_mvtec, tmp_path / "data", keep=3)
+    run_anomalib(*train_arguments(root, category, tmp_path / "four", *FOUR_PROCESSES), cwd=tmp_path)
+
+    model = ConTNetPaDiM(backbone="contnet_ti", pre_trained=False)
+    data = MVTecAD(root=root, category=category, train_batch_size=4, eval_batch_size=4, num_workers=0)
+    Engine(default_root_dir=tmp_path / "one", logger=False, enable_progress_bar=False).fit(model=model, datamodule=data)
+    distributed = saved_gaussian(tmp_path / "four")
+    single = {f"model.gaussian.{name}": value for name, value in model.model.gaussian.state_dict().items()}
+    assert set(distributed) == set(single) == {"model.gaussian.mean", "model.gaussian.precision_factor"}
+    for key, value in single.items():
+        torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_empty_training_folder_fails_on_every_process_with_one_message(tiny_mvtec, tmp_path: Path) -> None:
+    category = tiny_mvtec[1]
+    root = with_training_images(tiny_mvtec, tmp_path / "data", keep=0)
+    environment = os.environ | {"HF_HUB_OFFLINE": "1", "ANOMALIB_CONTNET_OFFLINE": "1"}
+    result = subprocess.run(
+        [ANOMALIB, *train_arguments(root, category, tmp_path / "four", *FOUR_PROCESSES)],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    raised = re.findall(r"ValueError: MVTec found no training images", output)  # the CLI's --data MVTec alias
+    assert len(raised) == 4, output[-5000:]
+    assert not list((tmp_path / "four").rglob("*.ckpt"))
