@@ -11,10 +11,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from anomalib_contnet.benchmark import CSV_COLUMNS
+from anomalib_contnet.benchmark.ablation import PAPER_VARIANT, ablation_variants
 from anomalib_contnet.benchmark.configs import OFFLINE_EFFICIENTNET_LABEL, RANDOM_INIT_LABEL
 from anomalib_contnet.benchmark.metrics import roc_curve
+from anomalib_contnet.benchmark.paper import (
+    MVTEC_AD_OBJECTS,
+    MVTEC_AD_TEXTURES,
+    PAPER_AUROC_PERCENT,
+    expand_categories,
+)
 from anomalib_contnet.benchmark.subsets import materialise_subset
 from anomalib_contnet.cli import main
 from anomalib_contnet.data import make_tiny_mvtec
@@ -140,7 +148,7 @@ def test_benchmark_writes_csv_and_markdown_with_measured_rows(tiny_benchmark: tu
     markdown = (out / "benchmark.md").read_text(encoding="utf-8")
     table = [line for line in markdown.splitlines() if line.startswith("| brick |")]
     assert len(table) == 2
-    assert all(line.count("|") == 14 for line in table)
+    assert all(line.count("|") == 18 for line in table)
     assert "raw scores" in markdown
     assert "8 training images, 4 normal + 4 anomalous test images" in markdown
 
@@ -155,3 +163,140 @@ def test_a_job_that_times_out_becomes_a_failed_row_and_a_nonzero_exit(tmp_path: 
         (row,) = list(csv.DictReader(handle))
     assert row["status"].startswith("failed: timed out after")
     assert row["image_auroc"] == ""
+
+
+def test_paper_table_holds_the_15_categories_and_reproduces_the_printed_averages() -> None:
+    # A transcription check: the paper prints averages of its own per-category values (Tables 2 and 3).
+    assert expand_categories(["mvtec_ad"]) == [*MVTEC_AD_OBJECTS, *MVTEC_AD_TEXTURES]
+    assert set(PAPER_AUROC_PERCENT) == {*MVTEC_AD_OBJECTS, *MVTEC_AD_TEXTURES}
+    printed = {"objects": (97.2, 96.9), "textures": (99.4, 96.1), "all": (97.9, 96.6)}
+    members = {"objects": MVTEC_AD_OBJECTS, "textures": MVTEC_AD_TEXTURES, "all": tuple(PAPER_AUROC_PERCENT)}
+    for group, (image, pixel) in printed.items():
+        values = [PAPER_AUROC_PERCENT[category] for category in members[group]]
+        # 0.07: the paper prints the textures' image mean 99.46 as 99.4 (truncated); the others round.
+        assert sum(value[0] for value in values) / len(values) == pytest.approx(image, abs=0.07)
+        assert sum(value[1] for value in values) / len(values) == pytest.approx(pixel, abs=0.05)
+
+
+def test_every_ablation_variant_changes_exactly_one_choice_of_the_paper_setting() -> None:
+    variants = ablation_variants(224, pixel_labels=True)
+    assert variants[0] == PAPER_VARIANT
+    choices = ("layers", "input_scale", "centre_crop", "epsilon", "pixel_eval")
+    changed = {
+        variant.name: [name for name in choices if getattr(variant, name) != getattr(PAPER_VARIANT, name)]
+        for variant in variants[1:]
+    }
+    assert all(len(names) == 1 for names in changed.values()), changed
+    assert sorted(changed) == sorted(
+        [
+            "layers=layer2+layer3",
+            "layers=layer2+layer3+layer4",
+            "input=448",
+            "crop=256->224",
+            "epsilon=0.001",
+            "epsilon=0.1",
+            "epsilon=1",
+            "pixel=native",
+        ]
+    )
+    assert [variant.name for variant in ablation_variants(224, pixel_labels=False)] == [
+        variant.name for variant in variants if variant.pixel_eval == "input"
+    ]
+
+
+def mvtec_named_dataset(root: Path, train_counts: dict[str, int]) -> Path:
+    """Generated categories in MVTec AD layout under MVTec AD's names (tiny texture crops with drawn stains)."""
+    for category, n_train in train_counts.items():
+        generated = make_tiny_mvtec(root.parent / "generated" / category, n_train=n_train, image_size=32)
+        root.mkdir(exist_ok=True)
+        (generated / "brick").rename(root / category)
+    return root
+
+
+def test_ablation_plan_lists_the_one_at_a_time_jobs_and_refuses_other_families(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = mvtec_named_dataset(tmp_path / "datasets", {"carpet": 4})
+    arguments = ["benchmark", "--data-root", str(root), "--categories", "carpet", "--out", str(tmp_path / "out")]
+    configs = "contnet_padim_contnet_ti,contnet_padim_efficientnet_lite0"
+    assert main([*arguments, "--configs", configs, "--ablation", "--plan"]) == 0
+    listed = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("to run")]
+    suffixes = ["", "__layers-layer2-layer3", "__layers-layer2-layer3-layer4", "__input-448", "__crop-256-224"]
+    suffixes += ["__epsilon-0.001", "__epsilon-0.1", "__epsilon-1", "__pixel-native"]
+    expected = [f"carpet__{config}{suffix}" for config in configs.split(",") for suffix in suffixes]
+    assert listed == expected
+    assert not (tmp_path / "out" / "jobs").exists()  # a plan runs nothing
+    assert main([*arguments, "--configs", "contnet_padim_contnet_ti,padim_resnet18", "--ablation"]) == 2
+    assert "drop padim_resnet18" in capsys.readouterr().err
+
+
+def job_lines(output: str, state: str) -> list[str]:
+    """Job ids of the progress lines ``== [i/n] <id>: <state>``."""
+    return [line.split()[2].rstrip(":") for line in output.splitlines() if line.startswith("== [") and state in line]
+
+
+@pytest.mark.slow
+def test_full_protocol_table_beside_the_paper_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = mvtec_named_dataset(tmp_path / "datasets", {"carpet": 6, "bottle": 4})
+    out = tmp_path / "out"
+    arguments = ["benchmark", "--data-root", str(root), "--categories", "carpet,bottle"]
+    arguments += ["--configs", "contnet_padim_contnet_ti", "--out", str(out)]
+
+    # 1. Every image of both categories; the paper's own numbers next to the measured ones, and the averages.
+    assert main([*arguments, "--max-train", "0", "--max-test", "0"]) == 0
+    first = capsys.readouterr().out
+    assert job_lines(first, "running") == ["carpet__contnet_padim_contnet_ti", "bottle__contnet_padim_contnet_ti"]
+    assert "progress: 1/2 jobs done; 1 to run, about" in first
+    with (out / "benchmark.csv").open(encoding="utf-8") as handle:
+        rows = {row["category"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"carpet", "bottle", "mean (textures)", "mean (objects)", "mean (all)"}
+    assert (rows["carpet"]["kind"], rows["bottle"]["kind"]) == ("texture", "object")
+    assert (rows["carpet"]["n_train"], rows["carpet"]["n_test"]) == ("6", "8")  # make_tiny_mvtec: 4 + 4 test
+    assert (rows["bottle"]["n_train"], rows["bottle"]["n_test"]) == ("4", "8")
+    for category in ("carpet", "bottle"):
+        row = rows[category]
+        assert row["status"] == "ok"
+        assert row["weights"] == RANDOM_INIT_LABEL
+        paper_image, paper_pixel = PAPER_AUROC_PERCENT[category]
+        assert float(row["paper_image_auroc"]) == pytest.approx(paper_image / 100)
+        assert float(row["paper_pixel_auroc"]) == pytest.approx(paper_pixel / 100)
+        assert 0.0 <= float(row["image_auroc"]) <= 1.0
+        assert 0.0 <= float(row["pixel_auroc"]) <= 1.0
+    for metric in ("image_auroc", "pixel_auroc", "paper_image_auroc", "paper_pixel_auroc"):
+        both = (float(rows["carpet"][metric]) + float(rows["bottle"][metric])) / 2
+        assert float(rows["mean (all)"][metric]) == pytest.approx(both)
+        assert float(rows["mean (textures)"][metric]) == pytest.approx(float(rows["carpet"][metric]))
+    markdown = (out / "benchmark.md").read_text(encoding="utf-8")
+    carpet_line = next(line for line in markdown.splitlines() if line.startswith("| carpet |"))
+    cells = [cell.strip() for cell in carpet_line.strip("|").split("|")]
+    assert cells[1:3] == ["6", "8"]
+    assert f"{PAPER_AUROC_PERCENT['carpet'][0] / 100:.3f}" == cells[8]
+    assert f"{PAPER_AUROC_PERCENT['carpet'][1] / 100:.3f}" == cells[10]
+    assert any(line.startswith("| mean (objects) |") for line in markdown.splitlines())
+    with Image.open(out / "benchmark.png") as plot:
+        assert plot.format == "PNG"
+        assert min(plot.size) > 100
+    carpet_result = out / "jobs" / "carpet__contnet_padim_contnet_ti" / "result.json"
+    carpet_written = carpet_result.stat().st_mtime_ns
+
+    # 2. The same command again: nothing runs, the table is rebuilt from the kept results.
+    assert main([*arguments, "--max-train", "0", "--max-test", "0"]) == 0
+    second = capsys.readouterr().out
+    assert job_lines(second, "running") == []
+    assert len(job_lines(second, "finished earlier, skipped")) == 2
+    assert carpet_result.stat().st_mtime_ns == carpet_written
+    with (out / "benchmark.csv").open(encoding="utf-8") as handle:
+        assert {row["category"]: row["image_auroc"] for row in csv.DictReader(handle)}["carpet"] == rows["carpet"][
+            "image_auroc"
+        ]
+
+    # 3. An interrupted job (no result) runs again; a changed argument reruns only the jobs it changes:
+    #    --max-train 4 picks 4 of carpet's 6 training images but is all of bottle's 4, so bottle is unchanged.
+    (out / "jobs" / "bottle__contnet_padim_contnet_ti" / "result.json").unlink()
+    assert main([*arguments, "--max-train", "0", "--max-test", "0"]) == 0
+    assert job_lines(capsys.readouterr().out, "running") == ["bottle__contnet_padim_contnet_ti"]
+    assert main([*arguments, "--max-train", "4", "--max-test", "0"]) == 0
+    fourth = capsys.readouterr().out
+    assert job_lines(fourth, "running") == ["carpet__contnet_padim_contnet_ti"]
+    assert job_lines(fourth, "finished earlier, skipped") == ["bottle__contnet_padim_contnet_ti"]
+    assert carpet_result.stat().st_mtime_ns != carpet_written

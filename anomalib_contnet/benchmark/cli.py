@@ -110,6 +110,11 @@ def _canonical_command(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
+def _print_now(line: str) -> None:
+    """Progress lines reach a log file as they happen, not when the buffer fills (runs last hours)."""
+    print(line, flush=True)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         report = run_benchmark(
@@ -128,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
             job_timeout_s=args.job_timeout,
             keep_checkpoints=args.keep_checkpoints,
             command=_canonical_command(args),
+            log=_print_now,
         )
     except (BenchmarkError, DatasetPrepareError, WeightsError, OSError) as error:
         print(f"anomalib-contnet benchmark: error: {error}", file=sys.stderr)

@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from anomalib_contnet.benchmark.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES
 from anomalib_contnet.data import (
     ELPV_CATEGORIES,
     MANIFEST_NAME,
@@ -105,6 +106,12 @@ def ensure_category(data_root: Path | str, category: str) -> Path:
             f"({', '.join(offline_categories())}). Put an MVTec AD-layout folder there "
             "(train/good, test/<defect>, ground_truth/<defect>/<name>_mask.png) or choose an offline category."
         )
+        if category in (*MVTEC_AD_TEXTURES, *MVTEC_AD_OBJECTS):
+            msg += (
+                f" {category!r} is an MVTec AD category: download MVTec AD "
+                "(https://www.mvtec.com/company/research/datasets/mvtec-ad) and extract it so that "
+                f"{folder}/train/good exists."
+            )
         raise DatasetPrepareError(msg)
     return folder
 

@@ -122,12 +122,14 @@ def _centre_crop_pre_processor(resize_side: int, size: tuple[int, int], model: A
     so the crop applies to training, prediction and the masks the pixel metrics read.
     """
     from anomalib.pre_processing import PreProcessor  # noqa: PLC0415
-    from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize  # noqa: PLC0415
+    from torchvision.transforms.v2 import CenterCrop, Compose, Normalize  # noqa: PLC0415
+
+    from anomalib_contnet.models.contnet_padim.pre_processor import AntialiasedResize  # noqa: PLC0415
 
     mean, std = model.model.feature_extractor.normalization
     transform = Compose(
         [
-            Resize((resize_side, resize_side), antialias=True),
+            AntialiasedResize((resize_side, resize_side)),  # the resize of ConTNetPaDiM's own pre-processor
             CenterCrop(size),
             Normalize(mean=list(mean), std=list(std)),
         ]
