@@ -4,6 +4,10 @@ One ONNX export (Engine.export), one OpenVINO FP32 model converted from it exact
 anomalib's ``to_openvino`` does, one FP16 export through the stock ``anomalib export``
 command and one torch export serve every test; they all come from the session's
 ``trained_model`` (contnet_ti, random weights, 1152-dimensional Gaussians).
+
+The reference is always the path a model is fitted and tested on: Lightning's batch
+hooks (pre-processor callback, ``predict_step``, post-processor callback), and for image
+files on disk ``Engine.predict`` itself, never the export path (``model.forward``).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import onnxruntime
 import openvino as ov
 import pytest
 import torch
+from anomalib.data import ImageBatch, PredictDataset
 from anomalib.data.utils import read_image
 from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer, TorchInferencer
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from anomalib_contnet.data.textures import load_texture, render_defective, render_normal, texture_bands
 from anomalib_contnet.deploy import MANIFEST_NAME, ExportCheckError, check_export, export_model
 from anomalib_contnet.deploy.staging import STAGING_PREFIX
 
@@ -143,10 +149,25 @@ def compiled(openvino_path, onnx_path, fp16_path) -> dict[str, Callable[[np.ndar
     }
 
 
-def eager(trained_model, images: torch.Tensor) -> Outputs:
+def fitted_path(trained_model, images: torch.Tensor) -> Outputs:
+    """What ``Engine.predict`` computes for a batch (not ``model.forward``, which is the export path).
+
+    The pre-processor's and post-processor's batch hooks around ``predict_step``, as Lightning calls them.
+    """
+    model = trained_model.model
+    batch = ImageBatch(image=images.clone())
     with torch.no_grad():
-        outputs = trained_model.model(images)
-    return {name: value.numpy() for name, value in outputs._asdict().items() if value is not None}
+        model.pre_processor.on_predict_batch_start(trained_model.engine.trainer, model, batch, 0)
+        outputs = model.predict_step(batch, 0)
+        model.post_processor.on_predict_batch_end(trained_model.engine.trainer, model, outputs, batch, 0)
+    fields = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+    shapes = {
+        "pred_score": (-1, 1),
+        "pred_label": (-1, 1),
+        "anomaly_map": (-1, 1, 224, 224),
+        "pred_mask": (-1, 1, 224, 224),
+    }
+    return {name: getattr(outputs, name).reshape(shapes[name]).numpy() for name in fields}
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -154,10 +175,10 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max())
 
 
-def assert_matches_eager(actual: Outputs, expected: Outputs, pixel_threshold: float) -> None:
+def assert_matches_reference(actual: Outputs, expected: Outputs, pixel_threshold: float) -> None:
     """Scores and maps within 1e-4 relative, labels identical, masks identical away from the threshold.
 
-    A pixel whose eager map value lies within the tolerance of the threshold may land on
+    A pixel whose reference map value lies within the tolerance of the threshold may land on
     either side after float32 reordering; no other pixel may differ.
     """
     assert set(actual) == set(expected)
@@ -186,39 +207,41 @@ def test_onnx_graph_takes_any_batch_and_image_size_and_resizes_inside(onnx_path)
     (image_input,) = graph.input
     dims = image_input.type.tensor_type.shape.dim
     assert [dim.dim_param != "" for dim in dims] == [True, False, True, True]  # (batch, 3, height, width)
-    assert any(node.op_type == "Resize" for node in graph.node)
+    operators = {node.op_type for node in graph.node}
+    assert "Resize" not in operators  # anomalib's own export puts an aliased Resize here
+    assert {"Range", "MatMul"} <= operators  # the resampling matrices, built from the input's height and width
     assert {output.name for output in graph.output} == {"pred_score", "pred_label", "anomaly_map", "pred_mask"}
 
 
 # --------------------------------------------------------------------- parity
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino-f32"])
 @pytest.mark.parametrize("case", ["batch-1", "batch-4", "300x257-batch-2"])
-def test_export_matches_eager(trained_model, test_images, compiled, runtime: str, case: str) -> None:
+def test_export_matches_fitted_path(trained_model, test_images, compiled, runtime: str, case: str) -> None:
     if case == "batch-1":
         images = test_images[4:5]
     elif case == "batch-4":
         images = test_images[2:6]
     else:
         images = torch.nn.functional.interpolate(test_images[3:5], size=(300, 257), mode="bilinear")
-    expected = eager(trained_model, images)
+    expected = fitted_path(trained_model, images)
     assert expected["anomaly_map"].shape == (images.shape[0], 1, 224, 224)
     threshold = float(trained_model.model.post_processor.normalized_pixel_threshold)
-    assert_matches_eager(compiled[runtime](images.numpy()), expected, threshold)
+    assert_matches_reference(compiled[runtime](images.numpy()), expected, threshold)
 
 
 def test_reduced_precision_keeps_the_detection_quality(
     trained_model, test_images, test_labels, test_masks, compiled
 ) -> None:
     """OpenVINO's CPU default (bf16 where the CPU has it) and FP16 weights: measured error and AUROC change."""
-    expected = eager(trained_model, test_images)
+    expected = fitted_path(trained_model, test_images)
 
     def quality(outputs: Outputs) -> tuple[float, float]:
         image = roc_auc_score(test_labels, outputs["pred_score"].ravel())
         pixel = roc_auc_score(test_masks.ravel(), outputs["anomaly_map"][:, 0].ravel())
         return image, pixel
 
-    eager_quality = quality(expected)
-    print(f"eager: AUROC {eager_quality[0]:.4f} / {eager_quality[1]:.4f}")
+    reference_quality = quality(expected)
+    print(f"fitted path: AUROC {reference_quality[0]:.4f} / {reference_quality[1]:.4f}")
     for runtime in ("openvino-default", "openvino-fp16-weights-f32", "openvino-fp16-weights-default"):
         outputs = compiled[runtime](test_images.numpy())
         score_error = relative_error(outputs["pred_score"], expected["pred_score"])
@@ -227,8 +250,8 @@ def test_reduced_precision_keeps_the_detection_quality(
         print(f"{runtime}: error score {score_error:.1e} map {map_error:.1e}, AUROC {image:.4f} / {pixel:.4f}")
         assert score_error < 0.1
         assert map_error < 0.05
-        assert abs(image - eager_quality[0]) <= 0.05
-        assert abs(pixel - eager_quality[1]) <= 0.01
+        assert abs(image - reference_quality[0]) <= 0.05
+        assert abs(pixel - reference_quality[1]) <= 0.01
 
 
 def test_openvino_uses_bf16_by_default_where_the_cpu_has_it(openvino_path) -> None:
@@ -240,35 +263,151 @@ def test_openvino_uses_bf16_by_default_where_the_cpu_has_it(openvino_path) -> No
 
 
 # ---------------------------------------------------------------- inferencers
-def test_openvino_inferencer_predicts_like_eager_from_a_path_and_an_array(
+def test_openvino_inferencer_predicts_like_the_fitted_path_from_a_path_and_an_array(
     trained_model, openvino_path, test_image_paths, monkeypatch, tmp_path
 ) -> None:
     monkeypatch.chdir(tmp_path)  # OpenVINOInferencer keeps a compile cache in ./openvino_cache
     inferencer = OpenVINOInferencer(check_export(openvino_path), device="CPU", config=EXACT)
     assert inferencer.model.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
     path = test_image_paths[5]
-    expected = eager(trained_model, read_image(path, as_tensor=True)[None])
+    expected = fitted_path(trained_model, read_image(path, as_tensor=True)[None])
     threshold = float(trained_model.model.post_processor.normalized_pixel_threshold)
     for source in (path, np.asarray(Image.open(path).convert("RGB"))):
         prediction = inferencer.predict(source)
         # NumpyImageBatch moves the mask's channel axis last: (1, 224, 224, 1); the values are what counts.
         assert prediction.pred_mask.shape == (1, 224, 224, 1)
         actual = {name: getattr(prediction, name).reshape(value.shape) for name, value in expected.items()}
-        assert_matches_eager(actual, expected, threshold)
+        assert_matches_reference(actual, expected, threshold)
 
 
-def test_torch_inferencer_predicts_like_eager_from_a_path_and_an_array(
+def test_torch_inferencer_predicts_like_the_fitted_path_from_a_path_and_an_array(
     trained_model, torch_path, test_image_paths, monkeypatch
 ) -> None:
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
     inferencer = TorchInferencer(check_export(torch_path), device="cpu")
     path = test_image_paths[6]
-    expected = eager(trained_model, read_image(path, as_tensor=True)[None])
+    expected = fitted_path(trained_model, read_image(path, as_tensor=True)[None])
     for source in (path, np.asarray(Image.open(path).convert("RGB"))):
         prediction = inferencer.predict(source)
         for name, value in expected.items():
-            # ImageBatch reshapes some fields (pred_label becomes (1,)); the values must be eager's, bit for bit.
+            # ImageBatch reshapes some fields (pred_label becomes (1,)); values must be the fitted path's, bit for bit.
             np.testing.assert_array_equal(getattr(prediction, name).numpy().reshape(value.shape), value, err_msg=name)
+
+
+# ------------------------------------------- deployed equals fitted, real files
+PARITY_SIZES = ((1024, 1024), (700, 900), (256, 256))
+"""(height, width) of the image files: MVTec AD-like photographs, a non-square one, and a small one."""
+SCORE_TOLERANCE = 1e-3
+"""Largest allowed |difference| of normalised scores (0..1) between a deployment and Engine.predict."""
+MAP_TOLERANCE = 1e-3
+"""Largest allowed |difference| of anomaly maps relative to Engine.predict's largest value."""
+
+
+@pytest.fixture(scope="module")
+def parity_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A normal and a defective brick image of each size, each written as PNG and as JPEG (quality 90).
+
+    Rendered at the full size from the same texture photograph as the training images (which
+    are 128 px), so the fitted model sees them as in-distribution after its resize.
+    """
+    folder = tmp_path_factory.mktemp("parity_files")
+    band = texture_bands(load_texture("brick"))["test"]
+    paths = []
+    for height, width in PARITY_SIZES:
+        side = max(height, width)
+        normal = render_normal(band, 0, "brick", "test/good", 0, crop_size=160, image_size=side)
+        _, defective, _ = render_defective(band, 0, "brick", 0, "stain", crop_size=160, image_size=side)
+        for kind, pixels in (("good", normal), ("stain", defective)):
+            image = Image.fromarray(pixels[:height, :width])
+            for suffix in ("png", "jpg"):
+                path = folder / f"{height}x{width}_{kind}.{suffix}"
+                image.save(path, quality=90)
+                paths.append(path)
+    return paths
+
+
+def prediction_fields(prediction: object) -> Outputs:
+    """pred_score, pred_label (scalars) and anomaly_map (224x224) of a one-image prediction, as float64/int arrays."""
+    values = {name: np.asarray(getattr(prediction, name)) for name in ("pred_score", "pred_label", "anomaly_map")}
+    return {
+        "pred_score": values["pred_score"].reshape(()).astype(np.float64),
+        "pred_label": values["pred_label"].reshape(()).astype(int),
+        "anomaly_map": values["anomaly_map"].reshape(224, 224).astype(np.float64),
+    }
+
+
+@pytest.fixture(scope="module")
+def file_predictions(trained_model, parity_files, onnx_path, openvino_path, torch_path, tmp_path_factory):
+    """Every runtime's prediction for every parity file, and the decoded pixels each runtime was given.
+
+    Reference: ``Engine.predict(data_path=folder)``, which reads files with anomalib's
+    PredictDataset. ONNX Runtime gets the image decoded by ``anomalib.data.utils.read_image``,
+    the function anomalib's PredictDataset, OpenVINOInferencer and TorchInferencer all use.
+    """
+    batches = trained_model.engine.predict(model=trained_model.model, data_path=parity_files[0].parent)
+    predictions = {"Engine.predict": {Path(batch.image_path[0]).name: prediction_fields(batch) for batch in batches}}
+    decoded = {"Engine.predict": {path.name: PredictDataset(path)[0].image.numpy() for path in parity_files}}
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("openvino_cache"))  # OpenVINOInferencer writes ./openvino_cache
+        patch.setenv("TRUST_REMOTE_CODE", "1")
+        openvino = OpenVINOInferencer(check_export(openvino_path), device="CPU", config=EXACT)
+        torch_inferencer = TorchInferencer(check_export(torch_path), device="cpu")
+        for runtime in ("OpenVINOInferencer", "ONNX Runtime", "TorchInferencer"):
+            predictions[runtime], decoded[runtime] = {}, {}
+        for path in parity_files:
+            prediction = openvino.predict(path)
+            predictions["OpenVINOInferencer"][path.name] = prediction_fields(prediction)
+            decoded["OpenVINOInferencer"][path.name] = prediction.image[0]
+            image = read_image(path, as_tensor=True)[None].numpy()
+            outputs = dict(zip(names, session.run(None, {"input": image}), strict=True))
+            predictions["ONNX Runtime"][path.name] = prediction_fields(type("Outputs", (), outputs))
+            decoded["ONNX Runtime"][path.name] = image[0]
+            prediction = torch_inferencer.predict(path)
+            predictions["TorchInferencer"][path.name] = prediction_fields(prediction)
+            decoded["TorchInferencer"][path.name] = prediction.image[0].numpy()
+    return predictions, decoded
+
+
+def test_engine_predict_on_full_size_files_gives_scores_inside_the_normalised_range(file_predictions) -> None:
+    """The parity below means something only if the scores are not clipped to 0 or 1 by the post-processor."""
+    predictions, _ = file_predictions
+    scores = np.array([value["pred_score"] for value in predictions["Engine.predict"].values()])
+    assert len(scores) == 2 * 2 * len(PARITY_SIZES)
+    assert ((scores > 0.01) & (scores < 0.99)).mean() >= 0.75, scores
+
+
+def test_every_runtime_decodes_the_files_like_engine_predict(file_predictions) -> None:
+    """PNG and JPEG are decoded by PIL (anomalib's read_image) on every path: the same pixels reach every model.
+
+    The 8-bit values are identical; OpenVINOInferencer divides by 255 in float64 and rounds to float32 where
+    the others divide in float32, which moves some values by one float32 step (6e-8).
+    """
+    _, decoded = file_predictions
+    for runtime, images in decoded.items():
+        for name, pixels in images.items():
+            reference = decoded["Engine.predict"][name]
+            assert pixels.shape == reference.shape, f"{runtime} {name}"
+            np.testing.assert_array_equal(np.rint(pixels * 255), np.rint(reference * 255), err_msg=f"{runtime} {name}")
+            np.testing.assert_allclose(pixels, reference, rtol=0, atol=1e-7, err_msg=f"{runtime} {name}")
+
+
+@pytest.mark.parametrize("runtime", ["OpenVINOInferencer", "ONNX Runtime", "TorchInferencer"])
+def test_deployed_model_equals_engine_predict_on_image_files(file_predictions, runtime: str) -> None:
+    """1024x1024, 700x900 and 256x256 PNG and JPEG: scores within 1e-3, same labels, maps within 1e-3 relative."""
+    predictions, _ = file_predictions
+    reference = predictions["Engine.predict"]
+    report = []
+    for name, expected in sorted(reference.items()):
+        actual = predictions[runtime][name]
+        score_difference = abs(float(actual["pred_score"] - expected["pred_score"]))
+        map_difference = np.abs(actual["anomaly_map"] - expected["anomaly_map"]).max() / expected["anomaly_map"].max()
+        flipped = int(actual["pred_label"]) != int(expected["pred_label"])
+        report.append(f"{name}: score {score_difference:.1e}, map {map_difference:.1e}, label flipped {flipped}")
+        if score_difference > SCORE_TOLERANCE or map_difference > MAP_TOLERANCE or flipped:
+            pytest.fail(f"{runtime} differs from Engine.predict:\n" + "\n".join(report))
+    print(f"{runtime}:\n" + "\n".join(report))
 
 
 # ----------------------------------------------------------------------- size
@@ -293,10 +432,12 @@ def test_gaussian_is_stored_once_in_the_exports(trained_model, onnx_path, openvi
 
 
 # ------------------------------------------------------ stock CLI with FP16
-def test_stock_cli_fp16_export_is_whole_and_close_to_eager(trained_model, fp16_path, test_images, compiled) -> None:
+def test_stock_cli_fp16_export_is_whole_and_close_to_fitted_path(
+    trained_model, fp16_path, test_images, compiled
+) -> None:
     assert sorted(entry.name for entry in fp16_path.parent.iterdir()) == [MANIFEST_NAME, "model.bin", "model.xml"]
     assert check_export(fp16_path) == fp16_path
-    expected = eager(trained_model, test_images)
+    expected = fitted_path(trained_model, test_images)
     actual = compiled["openvino-fp16-weights-f32"](test_images.numpy())
     assert relative_error(actual["anomaly_map"], expected["anomaly_map"]) < 1e-2
 
