@@ -220,12 +220,14 @@ def test_ablation_plan_lists_the_one_at_a_time_jobs_and_refuses_other_families(
     arguments = ["benchmark", "--data-root", str(root), "--categories", "carpet", "--out", str(tmp_path / "out")]
     configs = "contnet_padim_contnet_ti,contnet_padim_efficientnet_lite0"
     assert main([*arguments, "--configs", configs, "--ablation", "--plan"]) == 0
-    listed = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("to run")]
+    listed = job_lines(capsys.readouterr().out, ": to run")
     suffixes = ["", "__layers-layer2-layer3", "__layers-layer2-layer3-layer4", "__input-448", "__crop-256-224"]
     suffixes += ["__epsilon-0.001", "__epsilon-0.1", "__epsilon-1", "__pixel-native"]
     expected = [f"carpet__{config}{suffix}" for config in configs.split(",") for suffix in suffixes]
     assert listed == expected
     assert not (tmp_path / "out" / "jobs").exists()  # a plan runs nothing
+    with (tmp_path / "out" / "benchmark.csv").open(encoding="utf-8") as handle:
+        assert {row["status"] for row in csv.DictReader(handle) if row["kind"] != "mean"} == {"not run"}
     assert main([*arguments, "--configs", "contnet_padim_contnet_ti,padim_resnet18", "--ablation"]) == 2
     assert "drop padim_resnet18" in capsys.readouterr().err
 

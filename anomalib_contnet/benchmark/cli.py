@@ -67,7 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="also run each open choice of the paper's setting, one at a time, for every ConTNetPaDiM configuration "
         "(layers, input size, centre crop, epsilon, pixel AUROC at mask size)",
     )
-    parser.add_argument("--plan", action="store_true", help="list the jobs (finished / to run) and run none")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="list the jobs (finished / to run), write the table of the finished ones, run none",
+    )
     parser.add_argument(
         "--coreset-ratio",
         type=float,

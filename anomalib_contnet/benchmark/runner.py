@@ -39,7 +39,7 @@ from anomalib_contnet.benchmark.files import write_text_atomically
 from anomalib_contnet.benchmark.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, expand_categories
 from anomalib_contnet.benchmark.plot import plot_auroc_against_cost
 from anomalib_contnet.benchmark.subsets import CategorySubset, ensure_category, materialise_subset, whole_category
-from anomalib_contnet.benchmark.table import BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
+from anomalib_contnet.benchmark.table import NOT_RUN, BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
 from anomalib_contnet.benchmark.worker import JobResult, JobSpec
 from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
 
@@ -173,18 +173,17 @@ def run_benchmark(
             else [PAPER_VARIANT]
         )
     ]
-    if plan_only:
-        for job in jobs:
-            log(f"{'finished' if job.finished() else 'to run  '}  {job.work_dir.name}")
-        return BenchmarkReport(rows=[], csv_path=None, markdown_path=None, plot_path=None, jobs_run=0)
-
     rows: list[BenchmarkRow] = []
     run_times: list[float] = []
     total = len(jobs)
+    metadata_lines = _run_metadata(started, command, image_size, seed, coreset_ratio, subsets, ablation)
     for index, job in enumerate(jobs, start=1):
         result = job.finished()
         if result is not None:
             log(f"== [{index}/{total}] {job.work_dir.name}: finished earlier, skipped ==")
+        elif plan_only:
+            log(f"== [{index}/{total}] {job.work_dir.name}: to run ==")
+            result = JobResult(status=NOT_RUN)
         else:
             log(f"== [{index}/{total}] {job.work_dir.name}: running ({job.weights.label}) ==")
             environment = base_env | (hub_env if job.weights.needs_offline_hub else {})
@@ -199,18 +198,19 @@ def run_benchmark(
             settings=_settings(job),
             paper_configuration=_is_paper_configuration(job, image_size),
         )
-        log(_summary(row, job.work_dir / LOG_FILE))
-        log(_progress(index, total, run_times, jobs[index:]))
         rows.append(row)
+        if not plan_only:
+            log(_summary(row, job.work_dir / LOG_FILE))
+            log(_progress(index, total, run_times, jobs[index:]))
+            # After every job, so an interrupted run leaves the table of everything finished so far.
+            _write_tables(rows, out, metadata_lines)
 
-    metadata_lines = _run_metadata(started, command, image_size, seed, coreset_ratio, subsets, ablation)
+    all_rows = _write_tables(rows, out, metadata_lines)
     csv_path, markdown_path, plot_path = out / "benchmark.csv", out / "benchmark.md", out / "benchmark.png"
-    all_rows = rows + category_means(rows)
-    write_text_atomically(csv_path, rows_to_csv(all_rows))
-    write_text_atomically(markdown_path, rows_to_markdown(all_rows, metadata_lines))
     plotted = plot_auroc_against_cost(rows, plot_path)
     log(f"wrote {csv_path}, {markdown_path}" + (f" and {plot_path}" if plotted else " (no finished job to plot)"))
-    log(f"jobs run: {len(run_times)}, skipped as finished: {total - len(run_times)}")
+    finished = sum(1 for row in rows if row.status != NOT_RUN) - len(run_times)
+    log(f"jobs run: {len(run_times)}, finished earlier: {finished}, not run: {total - len(run_times) - finished}")
     return BenchmarkReport(
         rows=all_rows,
         csv_path=csv_path,
@@ -218,6 +218,14 @@ def run_benchmark(
         plot_path=plot_path if plotted else None,
         jobs_run=len(run_times),
     )
+
+
+def _write_tables(rows: list[BenchmarkRow], out: Path, metadata_lines: list[str]) -> list[BenchmarkRow]:
+    """``benchmark.csv`` and ``benchmark.md`` of ``rows`` and their averages, each replaced atomically."""
+    all_rows = rows + category_means(rows)
+    write_text_atomically(out / "benchmark.csv", rows_to_csv(all_rows))
+    write_text_atomically(out / "benchmark.md", rows_to_markdown(all_rows, metadata_lines))
+    return all_rows
 
 
 def _check_configs(config_names: Sequence[str] | None, ablation: bool) -> list[ModelConfig]:

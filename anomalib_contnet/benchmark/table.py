@@ -15,9 +15,11 @@ if TYPE_CHECKING:  # only for annotations: this module must stay importable with
     from anomalib_contnet.benchmark.subsets import CategorySubset
     from anomalib_contnet.benchmark.worker import JobResult
 
-__all__ = ["CSV_COLUMNS", "MEAN_KIND", "BenchmarkRow", "category_means", "rows_to_csv", "rows_to_markdown"]
+__all__ = ["CSV_COLUMNS", "MEAN_KIND", "NOT_RUN", "BenchmarkRow", "category_means", "rows_to_csv", "rows_to_markdown"]
 
 MIB = 1024 * 1024
+NOT_RUN = "not run"
+"""Status of a planned job without a result yet (``--plan``, or a table written mid-run)."""
 MEAN_KIND = "mean"
 """The ``kind`` of a row that averages other rows."""
 
@@ -82,7 +84,7 @@ class BenchmarkRow:
             predict_images_per_s=result.predict_images_per_s,
             peak_rss_mb=None if result.peak_rss_bytes is None else result.peak_rss_bytes / MIB,
             checkpoint_mb=None if result.checkpoint_bytes is None else result.checkpoint_bytes / MIB,
-            status="ok" if result.status == "ok" else f"failed: {result.error}",
+            status=result.status if result.status in {"ok", NOT_RUN} else f"failed: {result.error}",
         )
 
 
@@ -194,10 +196,10 @@ def rows_to_markdown(rows: list[BenchmarkRow], header_lines: list[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        "n/a: not applicable (no pixel labels) or not measured (failed job). Paper columns: Dini & Rahtu (2023), "
-        "Tables 2 and 3, shown on rows of the paper's configuration (ConTNet, layer3+layer4, 224 px) on MVTec AD "
-        "categories; a row's Weights column says whether it ran with the paper's ImageNet weights. "
-        "Settings of each row: the CSV's `settings` column."
+        "n/a: not applicable (no pixel labels) or not measured (failed or not yet run job). "
+        "Paper columns: Dini & Rahtu (2023), Tables 2 and 3, shown on rows of the paper's configuration "
+        "(ConTNet, layer3+layer4, 224 px) on MVTec AD categories; a row's Weights column says whether "
+        "it ran with the paper's ImageNet weights. Settings of each row: the CSV's `settings` column."
     )
     return "\n".join(lines) + "\n"
 
