@@ -5,6 +5,7 @@ alias) with anomalib; an installed copy does so automatically whenever
 ``anomalib.models`` is imported (see ``anomalib_contnet_autoload``).
 """
 
+from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
 from anomalib_contnet.data.mvtec_alias import MVTec
 from anomalib_contnet.models import ConTNetPaDiM, ConTNetPaDiMModel, NonFiniteError, NotFittedError
 from anomalib_contnet.registration import register

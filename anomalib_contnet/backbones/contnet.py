@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ __all__ = [
     "ConTNetConfig",
     "PatchwiseTransformerEncoder",
     "checkpoint_filter_fn",
+    "contnet_from_config",
     "create_contnet",
     "list_contnet_variants",
     "shortcut_of_state_dict",
@@ -44,11 +45,17 @@ __all__ = [
 STAGE_NAMES: tuple[str, ...] = ("layer0", "layer1", "layer2", "layer3", "layer4")
 """Names of the stages whose outputs can be requested, in execution order."""
 
-INPUT_SIDE_MULTIPLE = 224
-"""Every transformer cuts its map into whole patches; with all five stages that needs sides in multiples of 224."""
+MIN_INPUT_SIDE = 32
+"""Smallest image side accepted: the network reduces by 32, so a smaller side leaves stages 3-4 less than one cell."""
+
+PUBLISHED_INPUT_SIDE = 224
+"""Image side the published models were trained at; multiples of it need no padding in any encoder."""
 
 STAGE_PATCH_SIZES: tuple[tuple[int, int], ...] = ((7, 14), (7, 14), (7, 14), (7, 7))
 """Patch sizes of the two encoders (``ste1``, ``ste2``) in every block of stages 1..4."""
+
+STAGE_REDUCTIONS: tuple[int, ...] = (4, 8, 16, 32, 32)
+"""How many input pixels one cell of each stage's map spans per side (timm's ``feature_info`` reduction)."""
 
 STAGE_STRIDES: tuple[int, ...] = (2, 2, 2, 1)
 """Stride of the last (widening) block of stages 1..4; only stride-2 blocks differ between the two shortcuts."""
@@ -179,13 +186,17 @@ class MultiHeadSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Attend within each sequence of ``tokens`` (shape N, L, C)."""
+    def forward(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend within each sequence of ``tokens`` (shape N, L, C).
+
+        ``key_mask`` (N, 1, 1, L, boolean, True = real token) keeps padding
+        tokens out of every softmax; None (no padding) runs plain attention.
+        """
         batch, length, dim = tokens.shape
         qkv = self.qkv(tokens).reshape(batch, length, 3, self.num_heads, dim // self.num_heads)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         attended = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=self.dropout if self.training else 0.0
+            query, key, value, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0
         )  # default scale is head_dim ** -0.5, as in ConTNet
         return self.proj(attended.transpose(1, 2).reshape(batch, length, dim))
 
@@ -210,6 +221,19 @@ class PatchwiseTransformerEncoder(nn.Module):
     Attention never crosses patch borders: each PxP patch of the feature map is
     one sequence of P*P tokens. A separable learned position encoding (rows on
     the first half of the channels, columns on the second) is added first.
+
+    Maps whose sides are not multiples of P (in some stage, for every image side
+    that is not a multiple of 224) are padded at the bottom and right to whole patches, encoded,
+    and cropped back. The padding tokens are masked out of attention as keys, so
+    no real token attends to them: a border patch that is only partly inside the
+    map is encoded exactly as a transformer over its real tokens alone, each at its
+    own position encoding. Without the mask the padding would enter every softmax
+    of the border patches as if it were image content, so the features there would
+    change with the amount of padding, i.e. with the input size, and could not be
+    compared across sizes. Padded tokens still pass through the layer (as queries,
+    they attend to the real tokens only, so they stay finite) and are then
+    discarded. A map that needs no padding takes the unmasked path, with no extra
+    operation, so multiples of 224 compute exactly the published architecture.
     """
 
     def __init__(self, dim: int, patch_size: int, num_heads: int, mlp_dim: int, dropout: float) -> None:
@@ -234,7 +258,28 @@ class PatchwiseTransformerEncoder(nn.Module):
         return torch.cat((rows.expand(1, size, size, -1), cols.expand(1, size, size, -1)), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the encoder on every patch of ``x`` (B, C, H, W) and fold the result back."""
+        """Run the encoder on every patch of ``x`` (B, C, H, W), padding to whole patches when needed."""
+        height, width = x.shape[-2:]
+        pad_bottom, pad_right = -height % self.patch_size, -width % self.patch_size
+        if not (pad_bottom or pad_right):
+            return self.encode_patches(x)
+        padded = F.pad(x, (0, pad_right, 0, pad_bottom))
+        real = self.real_token_mask(height, width, padded.shape[-2], padded.shape[-1], x.device)
+        return self.encode_patches(padded, real)[..., :height, :width]
+
+    def real_token_mask(
+        self, height: int, width: int, padded_height: int, padded_width: int, device: torch.device
+    ) -> torch.Tensor:
+        """(rows*cols, P*P) boolean mask, per patch in row-major patch order: True for tokens inside the map."""
+        size = self.patch_size
+        inside = (torch.arange(padded_height, device=device) < height)[:, None] & (
+            torch.arange(padded_width, device=device) < width
+        )[None, :]
+        rows, cols = padded_height // size, padded_width // size
+        return inside.reshape(rows, size, cols, size).permute(0, 2, 1, 3).reshape(rows * cols, size * size)
+
+    def encode_patches(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode a map whose sides are multiples of P; ``real`` (from :meth:`real_token_mask`) masks padding keys."""
         batch, channels, height, width = x.shape
         size = self.patch_size
         rows, cols = height // size, width // size
@@ -244,7 +289,8 @@ class PatchwiseTransformerEncoder(nn.Module):
             .reshape(batch * rows * cols, size, size, channels)
         )
         tokens = (patches + self.position_encoding()).reshape(batch * rows * cols, size * size, channels)
-        tokens = self.norm1(tokens + self.drop(self.attn(tokens)))
+        key_mask = None if real is None else real.expand(batch, -1, -1).reshape(batch * rows * cols, 1, 1, -1)
+        tokens = self.norm1(tokens + self.drop(self.attn(tokens, key_mask)))
         tokens = self.norm2(tokens + self.mlp(tokens))
         return (
             tokens.reshape(batch, rows, cols, size, size, channels)
@@ -303,6 +349,16 @@ class ConTBlock(nn.Module):
         return self.final_drop(out + shortcut)
 
 
+def check_input_size(height: int, width: int) -> None:
+    """Raise a clear error for images too small for the network's total reduction of 32."""
+    if height < MIN_INPUT_SIDE or width < MIN_INPUT_SIDE:
+        msg = (
+            f"ConTNet needs image sides of at least {MIN_INPUT_SIDE} pixels (its deepest stages reduce by 32); "
+            f"got {height}x{width}. Resize the input first (anomalib's PreProcessor does this when image_size is set)."
+        )
+        raise ValueError(msg)
+
+
 class Stem(nn.Module):
     """7x7 stride-2 convolution then 3x3 stride-2 max pooling; no normalisation or activation."""
 
@@ -312,7 +368,8 @@ class Stem(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reduce the image to a quarter of its size."""
+        """Reduce the image to a quarter of its size (sides of at least :data:`MIN_INPUT_SIDE`)."""
+        check_input_size(x.shape[-2], x.shape[-1])
         return self.maxpool(self.conv(x))
 
 
@@ -358,6 +415,10 @@ class ConTNet(nn.Module):
             ]
             self.add_module(f"layer{stage + 1}", ConTStage(blocks))
         self.num_features = config.inplanes * 2**4
+        self.feature_info = [
+            {"num_chs": self.stage_channels[name], "reduction": reduction, "module": name}
+            for name, reduction in zip(STAGE_NAMES, STAGE_REDUCTIONS, strict=True)
+        ]
         self.fc: nn.Module = nn.Linear(self.num_features, config.num_classes) if config.num_classes else nn.Identity()
         self._init_weights()
 
@@ -377,18 +438,6 @@ class ConTNet(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    @staticmethod
-    def check_input_size(height: int, width: int) -> None:
-        """Raise a clear error for sizes the patch-wise encoders cannot split into whole patches."""
-        if height % INPUT_SIDE_MULTIPLE or width % INPUT_SIDE_MULTIPLE or height <= 0 or width <= 0:
-            valid = ", ".join(str(INPUT_SIDE_MULTIPLE * k) for k in range(1, 5))
-            msg = (
-                f"ConTNet needs image sides that are multiples of {INPUT_SIDE_MULTIPLE} "
-                f"(valid sizes: {valid}, ...); got {height}x{width}. Resize the input first "
-                f"(anomalib's PreProcessor does this when image_size is set to a valid size)."
-            )
-            raise ValueError(msg)
-
     def forward_stages(self, x: torch.Tensor, stages: Iterable[str] = STAGE_NAMES) -> dict[str, torch.Tensor]:
         """Return the outputs of ``stages`` (names from :data:`STAGE_NAMES`), computing nothing past the last one."""
         wanted = set(stages)
@@ -396,7 +445,6 @@ class ConTNet(nn.Module):
         if unknown or not wanted:
             msg = f"unknown or empty stage selection {sorted(unknown) or '[]'}; choose from {list(STAGE_NAMES)}"
             raise ValueError(msg)
-        self.check_input_size(x.shape[-2], x.shape[-1])
         last = max(STAGE_NAMES.index(name) for name in wanted)
         outputs: dict[str, torch.Tensor] = {}
         for name in STAGE_NAMES[: last + 1]:
@@ -410,7 +458,7 @@ class ConTNet(nn.Module):
         return self.fc(features.mean(dim=(-2, -1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Classify ``x`` (B, 3, H, W), H and W multiples of 224."""
+        """Classify ``x`` (B, 3, H, W), sides of at least 32 (multiples of 224 run the published computation)."""
         return self.forward_head(self.forward_stages(x, ("layer4",))["layer4"])
 
     def parameter_count(self) -> int:
@@ -568,14 +616,29 @@ def create_contnet(
         from anomalib_contnet.backbones.weights import pretrained_contnet  # noqa: PLC0415  (weights imports this module)
 
         return pretrained_contnet(name, weights, avg_down=avg_down, num_classes=num_classes, **overrides)
-    config_fields = asdict(CONTNET_CFGS[name]) | overrides | {"num_classes": num_classes}
-    if avg_down is not None:
-        config_fields["avg_down"] = avg_down
-    return ConTNet(ConTNetConfig(**config_fields))
+    return contnet_from_config(CONTNET_CFGS[name], avg_down=avg_down, num_classes=num_classes, **overrides)
+
+
+def contnet_from_config(cfg: ConTNetConfig, *, in_chans: int = 3, **fields: Any) -> ConTNet:
+    """Build an untrained ConTNet of ``cfg`` with some fields replaced (None keeps the config's value).
+
+    The one config-to-model step of both builders: :func:`create_contnet` and
+    timm's ``build_model_with_cfg`` (see :mod:`anomalib_contnet.backbones.timm_contnet`),
+    which passes the config as ``cfg`` and also ``in_chans``.
+    """
+    if in_chans != 3:
+        msg = f"ConTNet's stem and published weights take RGB images (in_chans=3); got in_chans={in_chans}"
+        raise ValueError(msg)
+    changes = {key: value for key, value in fields.items() if value is not None}
+    unknown = sorted(set(changes).difference(ConTNetConfig.__dataclass_fields__))
+    if unknown:
+        msg = f"unknown ConTNet argument(s) {unknown}; accepted: {sorted(ConTNetConfig.__dataclass_fields__)}"
+        raise TypeError(msg)
+    return ConTNet(replace(cfg, **changes))
 
 
 def contnet_flops_per_image(
-    model: ConTNet, side: int = INPUT_SIDE_MULTIPLE, stages: Iterable[str] = ("layer4",)
+    model: ConTNet, side: int = PUBLISHED_INPUT_SIDE, stages: Iterable[str] = ("layer4",)
 ) -> int:
     """Count floating-point operations (2 per multiply-add) of one image through ``stages`` with torch's counter."""
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415  (only benchmarks need it)

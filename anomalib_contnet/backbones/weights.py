@@ -79,6 +79,7 @@ __all__ = [
     "file_sha256",
     "import_weights",
     "load_checkpoint_file",
+    "locate_checkpoint",
     "offline_reason",
     "pretrained_contnet",
     "published_weights",
@@ -536,6 +537,29 @@ def _shortcut_to_build(spelled: bool | None, requested: bool | None, path: Path 
     return requested if spelled is None else spelled
 
 
+def locate_checkpoint(
+    name: str,
+    weights: str | os.PathLike[str] | None = None,
+    *,
+    avg_down: bool | None = None,
+    sha256: str | None = None,
+) -> tuple[Path, dict[str, Any], bool | None]:
+    """Find and read the checkpoint of variant ``name``; return (file, checkpoint, ``avg_down`` to build).
+
+    The file comes from :func:`resolve_weights`; its shortcut spelling decides
+    the network to build (None: the file has no shortcut keys, the variant's
+    default applies). An explicit ``avg_down`` that contradicts the file is refused.
+    Every loader (:func:`pretrained_contnet`, timm's ``contnet_*`` entry points) starts here.
+
+    Raises:
+        WeightsError: no file, an unreadable one, or a contradicting ``avg_down``.
+    """
+    path = resolve_weights(name, weights, sha256=sha256)
+    checkpoint = load_checkpoint_file(path)
+    spelled = _spelled_shortcut(_unwrapped(checkpoint, path), path)
+    return path, checkpoint, _shortcut_to_build(spelled, avg_down, path)
+
+
 def pretrained_contnet(
     name: str,
     weights: str | os.PathLike[str] | None = None,
@@ -556,10 +580,7 @@ def pretrained_contnet(
     Raises:
         WeightsError: no file, unreadable file, contradicting ``avg_down``, or a state_dict that does not fit.
     """
-    path = resolve_weights(name, weights, sha256=sha256)
-    checkpoint = load_checkpoint_file(path)
-    spelled = _spelled_shortcut(_unwrapped(checkpoint, path), path)
-    built = _shortcut_to_build(spelled, avg_down, path)
+    path, checkpoint, built = locate_checkpoint(name, weights, avg_down=avg_down, sha256=sha256)
     model = create_contnet(name, avg_down=built, num_classes=num_classes, **overrides)
     model.load_state_dict(validated_state_dict(model, checkpoint, path), strict=True)
     shortcut = model.config.avg_down
