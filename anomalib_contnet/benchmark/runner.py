@@ -137,12 +137,13 @@ def run_benchmark(
 
     ``max_train`` / ``max_test`` of 0 mean every image (the full protocol: the category
     folders are read in place). With ``ablation`` every ConTNetPaDiM configuration also
-    runs each variant of :func:`ablation_variants`. Writes ``out/benchmark.csv``,
-    ``out/benchmark.md`` and ``out/benchmark.png`` (atomically, after the last job), data
+    runs each variant of :func:`ablation_variants`. Writes ``out/benchmark.csv`` and
+    ``out/benchmark.md`` (atomically, after every job), ``out/benchmark.png`` (at the end), data
     subsets under ``out/data``, and per job ``out/jobs/<id>/`` with its spec, key, result
     and log. Jobs whose folder already holds a successful result for the same key are not
     rerun, so an interrupted run resumes where it stopped. A failed job becomes a row with
-    its reason; it does not stop the others. ``plan_only`` lists the jobs and runs none.
+    its reason; it does not stop the others. ``plan_only`` lists the jobs, writes the
+    tables of the finished ones and runs none.
     """
     configs = _check_configs(config_names, ablation)
     categories = expand_categories(list(categories))
@@ -163,8 +164,20 @@ def run_benchmark(
     weights_file, hub_env = _offline_efficientnet(configs, log)
     plans = {config.name: resolve_job_weights(config, weights_file, allow_download) for config in configs}
     base_env = _job_environment(allow_download)
+    fingerprints = {subset.category: _data_fingerprint(subset) for subset in subsets}
     jobs = [
-        _plan_job(config, variant, subset, plans[config.name], out, image_size, seed, coreset_ratio, keep_checkpoints)
+        _plan_job(
+            config,
+            variant,
+            subset,
+            fingerprints[subset.category],
+            plans[config.name],
+            out,
+            image_size,
+            seed,
+            coreset_ratio,
+            keep_checkpoints,
+        )
         for subset in subsets
         for config in configs
         for variant in (
@@ -308,6 +321,7 @@ def _plan_job(
     config: ModelConfig,
     variant: Variant,
     subset: CategorySubset,
+    data_fingerprint: str,
     weights: JobWeights,
     out: Path,
     image_size: int,
@@ -344,7 +358,7 @@ def _plan_job(
     settings = asdict(spec) | {"dataset_root": None, "work_dir": None, "keep_checkpoint": None}
     identity = {
         "spec": settings,
-        "data": _data_fingerprint(subset),
+        "data": data_fingerprint,
         "weights": weights.label,
         "anomalib-contnet": _version("anomalib-contnet"),
     }
