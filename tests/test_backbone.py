@@ -20,6 +20,7 @@ from anomalib_contnet.backbones.contnet import (
     ConTBlock,
     ConTNet,
     ConTNetConfig,
+    PatchwiseTransformerEncoder,
     create_contnet,
     list_contnet_variants,
     shortcut_of_state_dict,
@@ -198,12 +199,97 @@ def test_forward_stages_rejects_unknown_stage() -> None:
         model.forward_stages(torch.zeros(1, 3, 224, 224), ["layer5"])
 
 
-@pytest.mark.parametrize(("height", "width"), [(256, 256), (224, 300), (112, 112)])
-def test_input_sides_must_be_multiples_of_224(height: int, width: int) -> None:
+@pytest.mark.parametrize(("height", "width"), [(31, 64), (64, 31), (16, 16)])
+def test_sides_below_32_are_refused(height: int, width: int) -> None:
     model = create_contnet("contnet_ti")
-    with pytest.raises(ValueError, match=r"224, 448") as raised:
+    with pytest.raises(ValueError, match=r"at least 32 pixels") as raised:
         model(torch.zeros(1, 3, height, width))
     assert f"{height}x{width}" in str(raised.value)
+
+
+# ---------------------------------------------------------------- any input size: padding to whole patches
+
+# Ti's layout with 8 stem channels: every block kind, cheap enough for 1024x1024 on one core.
+TINY_TI = {"inplanes": 8, "mlp_dim": (8, 16, 16, 16), "num_classes": 10}
+
+
+def expected_stage_shapes(stem_width: int, size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """Each stride-2 step (stem conv and max pool, last block of stages 1-3) maps a side n to ceil(n / 2)."""
+    sides = list(size)
+    shapes = {}
+    for index, name in enumerate(STAGE_NAMES):
+        for _ in range({0: 2, 4: 0}.get(index, 1)):
+            sides = [math.ceil(n / 2) for n in sides]
+        shapes[name] = (stem_width * 2**index, *sides)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def tiny_ti() -> ConTNet:
+    torch.manual_seed(2)
+    return create_contnet("contnet_ti", **TINY_TI).eval()
+
+
+@pytest.mark.parametrize("size", [(256, 256), (300, 257), (1024, 1024), (32, 32)])
+def test_any_size_gives_the_expected_stage_shapes_deterministically(tiny_ti: ConTNet, size: tuple[int, int]) -> None:
+    image = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        first, second = tiny_ti.forward_stages(image), tiny_ti.forward_stages(image)
+        alone = tiny_ti.forward_stages(image[1:])
+    assert {name: tuple(value.shape[1:]) for name, value in first.items()} == expected_stage_shapes(8, size)
+    for name, value in first.items():
+        assert torch.isfinite(value).all(), name
+        assert torch.equal(value, second[name]), name
+        torch.testing.assert_close(alone[name][0], value[1], rtol=1e-5, atol=1e-5, msg=name)  # masks per image
+
+
+class PadSpy:
+    """Replaces ``torch.nn.functional.pad`` (only the encoders call it): counts calls, optionally fills with noise.
+
+    The noise is large and different on every call, so any path from a padding
+    token into a real token's output changes that output.
+    """
+
+    def __init__(self, noise: bool) -> None:
+        self.original = F.pad
+        self.noise = noise
+        self.calls = 0
+        self.generator = torch.Generator().manual_seed(9)
+
+    def __call__(self, x: torch.Tensor, pad: tuple[int, ...], *args: object, **kwargs: object) -> torch.Tensor:
+        self.calls += 1
+        padded = self.original(x, pad, *args, **kwargs)
+        if not self.noise:
+            return padded
+        inside = torch.zeros(padded.shape[-2:], dtype=torch.bool)
+        inside[: x.shape[-2], : x.shape[-1]] = True
+        return torch.where(inside, padded, 100 * torch.randn(padded.shape, generator=self.generator))
+
+
+@pytest.mark.parametrize("size", [(300, 257), (1024, 1024)])
+def test_real_tokens_do_not_see_what_the_padding_holds(
+    tiny_ti: ConTNet, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every stage is bit-identical whether the padding tokens are zeros or large noise: they are masked as keys."""
+    image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        zero_padded = tiny_ti.forward_stages(image)
+        spy = PadSpy(noise=True)
+        monkeypatch.setattr(F, "pad", spy)
+        noise_padded = tiny_ti.forward_stages(image)
+    assert spy.calls > 0
+    for name, value in zero_padded.items():
+        assert torch.equal(noise_padded[name], value), name
+
+
+@pytest.mark.parametrize("side", [224, 448])
+def test_multiples_of_224_never_pad(tiny_ti: ConTNet, side: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The published sizes take the unmasked path: no padding and no mask anywhere (the golden test checks values)."""
+    spy = PadSpy(noise=False)
+    monkeypatch.setattr(F, "pad", spy)
+    with torch.no_grad():
+        tiny_ti.forward_stages(torch.randn(1, 3, side, side))
+    assert spy.calls == 0
 
 
 def test_golden_outputs_of_the_authors_code() -> None:
@@ -251,7 +337,11 @@ def mlp(tokens: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def encoder_by_hand(x: torch.Tensor, p: dict[str, torch.Tensor], patch: int, heads: int) -> torch.Tensor:
-    """Cut into patches pixel by pixel, add the row/column encodings, run the post-norm layer, put pixels back."""
+    """Cut into patches pixel by pixel, add the row/column encodings, run the post-norm layer, put pixels back.
+
+    A patch cut by the bottom or right border holds only the pixels that exist:
+    its sequence is shorter, each pixel keeping the encoding of its place in the patch.
+    """
     batch, channels, height, width = x.shape
     half = channels // 2
     rows_pe, cols_pe = p["pe.0"][0, :, 0, :], p["pe.1"][0, 0, :, :]
@@ -259,18 +349,17 @@ def encoder_by_hand(x: torch.Tensor, p: dict[str, torch.Tensor], patch: int, hea
     for b in range(batch):
         for top in range(0, height, patch):
             for left in range(0, width, patch):
-                tokens = torch.empty(patch * patch, channels, dtype=x.dtype)
-                for r in range(patch):
-                    for c in range(patch):
-                        pixel = x[b, :, top + r, left + c].clone()
-                        pixel[:half] += rows_pe[r]
-                        pixel[half:] += cols_pe[c]
-                        tokens[r * patch + c] = pixel
+                places = [(r, c) for r in range(min(patch, height - top)) for c in range(min(patch, width - left))]
+                tokens = torch.empty(len(places), channels, dtype=x.dtype)
+                for index, (r, c) in enumerate(places):
+                    pixel = x[b, :, top + r, left + c].clone()
+                    pixel[:half] += rows_pe[r]
+                    pixel[half:] += cols_pe[c]
+                    tokens[index] = pixel
                 tokens = layer_norm(tokens + attention(tokens, p, heads), p["norm1.weight"], p["norm1.bias"])
                 tokens = layer_norm(tokens + mlp(tokens, p), p["norm2.weight"], p["norm2.bias"])
-                for r in range(patch):
-                    for c in range(patch):
-                        out[b, :, top + r, left + c] = tokens[r * patch + c]
+                for index, (r, c) in enumerate(places):
+                    out[b, :, top + r, left + c] = tokens[index]
     return out
 
 
@@ -333,3 +422,43 @@ def test_one_block_matches_float64_derivation(kind: str) -> None:
     assert actual.shape == expected.shape
     assert actual.shape[1] == (2 * planes if BLOCK_KINDS[kind]["expand"] else planes)
     assert relative_error(actual, expected) < 1e-5
+
+
+def random_encoder(patch: int) -> PatchwiseTransformerEncoder:
+    encoder = PatchwiseTransformerEncoder(dim=4, patch_size=patch, num_heads=2, mlp_dim=6, dropout=0.0).eval()
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for tensor in encoder.state_dict().values():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+    return encoder
+
+
+@pytest.mark.parametrize(("height", "width"), [(10, 13), (4, 7), (3, 3)])
+def test_border_patches_are_encoded_from_their_real_tokens_alone(height: int, width: int) -> None:
+    """A cut patch equals a transformer over just its pixels (float64 by hand), whatever padding made it whole."""
+    patch = 4
+    encoder = random_encoder(patch)
+    x = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        actual = encoder(x)
+    params = {name: tensor.double() for name, tensor in encoder.state_dict().items()}
+    expected = encoder_by_hand(x.double(), params, patch, heads=2)
+    assert actual.shape == x.shape
+    assert relative_error(actual, expected) < 1e-5
+
+
+def test_whole_patches_of_a_padded_map_equal_the_patch_aligned_crop() -> None:
+    """Cropping a 10x13 map to its whole 4x4 patches (8x12, no padding) leaves those patches' encoding unchanged.
+
+    The border patches are the only difference between the two runs, so this
+    fails if padding reaches a patch it does not belong to (wrong fold order,
+    a mask of another patch) or if the padded path computes whole patches differently.
+    """
+    encoder = random_encoder(4)
+    x = torch.randn(2, 4, 10, 13, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        padded, cropped = encoder(x), encoder(x[..., :8, :12])
+        border_changed = encoder(torch.cat((x[..., :9, :], torch.zeros_like(x[..., 9:, :])), dim=-2))
+    torch.testing.assert_close(padded[..., :8, :12], cropped, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(border_changed[..., 8:, :], padded[..., 8:, :])  # the comparison can tell patches apart
+    torch.testing.assert_close(border_changed[..., :8, :], padded[..., :8, :], rtol=1e-6, atol=1e-6)

@@ -30,6 +30,7 @@ filter checks every key, shape and value before timm loads it.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -43,6 +44,7 @@ from timm.models import (
 
 from anomalib_contnet.backbones.contnet import (
     CONTNET_CFGS,
+    SHORTCUT_LABELS,
     ConTNet,
     checkpoint_filter_fn,
     contnet_from_config,
@@ -56,6 +58,8 @@ from anomalib_contnet.backbones.weights import (
 )
 
 __all__: list[str] = []  # register_model appends the entry points
+
+logger = logging.getLogger(__name__)
 
 
 def _cfg(url: str | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -118,7 +122,9 @@ def _create_contnet(variant: str, pretrained: bool = False, **kwargs: Any) -> Co
     if pretrained:
         overlay = kwargs.pop("pretrained_cfg_overlay", None)
         explicit = _explicit_weights(variant, kwargs.get("pretrained_cfg"), overlay)
-        path, _, kwargs["avg_down"] = locate_checkpoint(variant, explicit, avg_down=kwargs.get("avg_down"))
+        path, _, avg_down = locate_checkpoint(variant, explicit, avg_down=kwargs.get("avg_down"))
+        kwargs["avg_down"] = CONTNET_CFGS[variant].avg_down if avg_down is None else avg_down
+        logger.info("building %s with the %s shortcut for %s", variant, SHORTCUT_LABELS[kwargs["avg_down"]], path)
         kwargs["pretrained_cfg_overlay"] = dict(overlay or {}, file=str(path))
 
         def checkpoint_filter(state_dict: dict[str, Any], model: ConTNet) -> dict[str, Any]:
