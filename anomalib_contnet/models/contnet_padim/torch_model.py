@@ -1,12 +1,23 @@
-"""PyTorch model of ConTNetPaDiM: frozen backbone -> patch embedding -> Gaussian -> anomaly map."""
+"""PyTorch model of ConTNetPaDiM: frozen backbone -> patch embedding -> Gaussian -> anomaly map.
+
+Tiling (anomalib's ``TilerConfigurationCallback``) works as in anomalib's Padim: the
+pre-processed image is cut into tiles, every tile goes through the backbone, and the
+tiles' embeddings are put back together (``Tiler.untile``) into one embedding on the
+grid of the whole image, so there is one Gaussian per patch position of that grid.
+With 224 px tiles of a 448 px input, ``layer3``/``layer4`` give 7x7 cells per tile and
+a 14x14 grid of Gaussians, against 7x7 for the same image resized to 224 px.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
+from anomalib.data.utils.tiler import ImageUpscaleMode, Tiler
 from anomalib.models.components import DynamicBufferMixin
 from torch import nn
 
@@ -14,7 +25,10 @@ from anomalib_contnet.models.contnet_padim.anomaly_map import AnomalyMapGenerato
 from anomalib_contnet.models.contnet_padim.feature_extractor import build_feature_extractor
 from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
 
-__all__ = ["ConTNetPaDiMModel", "NonFiniteError", "NotFittedError"]
+__all__ = ["PRECISIONS", "ConTNetPaDiMModel", "NonFiniteError", "NotFittedError"]
+
+PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Compute types accepted for the backbone (``precision``); the Gaussians and the anomaly map are float32 always."""
 
 
 class NotFittedError(RuntimeError):
@@ -44,6 +58,24 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
             (default), or ``"float16"``, which halves the checkpoint and the exported
             model again while distances move by about 1e-4 relative (rounding of the
             factor); arithmetic is float32 either way. See docs/performance.md.
+        precision: compute type of the backbone, ``"float32"`` (default), ``"bfloat16"``
+            or ``"float16"`` (the spelling of anomalib's ``PrecisionType``). The backbone
+            runs under ``torch.autocast`` in that type: its weights stay float32 (so
+            checkpoints, the lazy loading of pretrained weights and exports are unaffected)
+            and the embedding is cast back to float32 before the Gaussians, whose
+            statistics, parameters and distances, like the anomaly map, are float32 or
+            float64 whatever this says. Measured effect on speed and scores:
+            docs/performance.md.
+
+    Attributes:
+        tiler: an anomalib ``Tiler`` (set by ``TilerConfigurationCallback``) or ``None``.
+            Fitting memory grows with the grid of the whole tiled image: while fitting,
+            every position holds a float64 ``D x D`` scatter matrix, ``P·D²·8`` bytes for
+            ``P`` positions and ``D`` dimensions (plus a ``P·64·D·8`` byte sample buffer);
+            afterwards the packed float32 precision factor takes about ``P·0.54·D²·4``
+            bytes at ``D = 1536``. ``contnet_b`` (D = 1536) at 448 px in 224 px tiles
+            (14x14 = 196 positions) accumulates 3.7 GB; ``n_features`` cuts that
+            quadratically (550 dimensions: 0.47 GB). Tables: docs/performance.md.
     """
 
     def __init__(
@@ -57,8 +89,14 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         epsilon: float = 0.01,
         sigma: float = 4.0,
         factor_dtype: str = "float32",
+        precision: str = "float32",
     ) -> None:
         super().__init__()
+        if precision.lower() not in PRECISIONS:
+            msg = f"precision must be one of {list(PRECISIONS)}, got {precision!r}"
+            raise ValueError(msg)
+        self.precision = precision.lower()
+        self._tiler: Tiler | None = None
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained, weights)
         total_features = sum(self.feature_extractor.out_channels.values())
         self.register_buffer("feature_index", self._choose_features(total_features, n_features, feature_seed))
@@ -82,17 +120,90 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         """Dimension of the per-patch embedding the Gaussians live in."""
         return self.feature_index.numel()
 
+    @property
+    def tiler(self) -> Tiler | None:
+        """The anomalib ``Tiler`` the input is cut with, or ``None`` (no tiling)."""
+        return self._tiler
+
+    @tiler.setter
+    def tiler(self, tiler: Tiler | None) -> None:
+        """Accept the tiler settings whose untiled embedding lines up with the image; refuse the others at setup.
+
+        ``Tiler.untile`` applies ``remove_border_count`` to the embedding's cells (32 px
+        each for ``layer3``/``layer4``), not to pixels, and in ``interpolation`` mode it
+        resizes the embedding to the input's size in pixels (one D x D Gaussian per pixel).
+        """
+        if tiler is not None and tiler.mode != ImageUpscaleMode.PADDING:
+            msg = (
+                f"ConTNetPaDiM tiles only in ImageUpscaleMode.PADDING mode, got {tiler.mode}: in interpolation mode "
+                "anomalib's Tiler.untile resizes the embedding to the image size in pixels, which would fit one "
+                "Gaussian per pixel. Use mode=ImageUpscaleMode.PADDING (the default)."
+            )
+            raise ValueError(msg)
+        if tiler is not None and tiler.remove_border_count != 0:
+            msg = (
+                f"ConTNetPaDiM does not support remove_border_count={tiler.remove_border_count}: anomalib's "
+                "Tiler.untile would remove that many embedding cells (not pixels) from every tile and leave zero "
+                "embeddings there. Use remove_border_count=0 and overlapping tiles (stride < tile_size) instead."
+            )
+            raise ValueError(msg)
+        self._tiler = tiler
+
+    @contextlib.contextmanager
+    def _backbone_precision(self, device: torch.device) -> Iterator[None]:
+        """Run the enclosed backbone calls in ``self.precision`` (autocast); float32 changes nothing."""
+        if self.precision == "float32":
+            yield
+            return
+        with torch.autocast(device_type=device.type, dtype=PRECISIONS[self.precision]):
+            yield
+
+    def _tiles(self, images: torch.Tensor) -> torch.Tensor:
+        """The images cut into tiles when a tiler is set (records the layout in the tiler), else the images."""
+        return images if self.tiler is None else self.tiler.tile(images)
+
     @torch.no_grad()
     def extract_embedding(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, D, h, w) patch embeddings on the finest selected grid."""
-        features = self.feature_extractor(images)
+        """(B, 3, H, W) images -> (B, D, h, w) float32 patch embeddings on the finest selected grid of the image."""
+        return self._embed(images)[0]
+
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The embedding, and the size in pixels its grid covers (the image's, or more when padded tiles stick out)."""
+        with self._backbone_precision(images.device):
+            features = self.feature_extractor(self._tiles(images))
         maps = [features[layer] for layer in self.feature_extractor.layers]
         grid = max((feature.shape[-2:] for feature in maps), key=lambda size: size[0] * size[1])
         resized = [feature if feature.shape[-2:] == grid else F.interpolate(feature, size=grid) for feature in maps]
         embedding = torch.cat(resized, dim=1)
-        if self.feature_index.numel() == embedding.shape[1]:
-            return embedding
-        return embedding.index_select(1, self.feature_index)
+        if self.feature_index.numel() != embedding.shape[1]:
+            embedding = embedding.index_select(1, self.feature_index)
+        embedding = embedding.float()
+        if self.tiler is None:
+            return embedding, (int(images.shape[-2]), int(images.shape[-1]))
+        return self._untile(embedding, self.tiler, images.shape[-2:])
+
+    @staticmethod
+    def _untile(embedding: torch.Tensor, tiler: Tiler, image_size: torch.Size) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tiles' embeddings -> one embedding of the whole image, cut to the cells that cover the image.
+
+        ``Tiler.untile`` places every tile's cells where the tile was cut (averaging
+        where tiles overlap). Padded tiles can stick out past the image's bottom and
+        right edges; cells wholly in that padding are dropped, so no Gaussian is
+        fitted to padding. Tiles and strides must be whole numbers of cells.
+        """
+        cells = embedding.shape[-2:]
+        cell_size = (tiler.tile_size_h // cells[0], tiler.tile_size_w // cells[1])
+        steps = (tiler.tile_size_h, tiler.tile_size_w, tiler.stride_h, tiler.stride_w)
+        if any(step % size for step, size in zip(steps, cell_size * 2, strict=True)) or min(cell_size) == 0:
+            msg = (
+                f"tile size {(tiler.tile_size_h, tiler.tile_size_w)} and stride {(tiler.stride_h, tiler.stride_w)} "
+                f"must be multiples of the backbone's patch cell of {cell_size} px (a tile gives {tuple(cells)} "
+                "cells); choose tile_size and stride accordingly"
+            )
+            raise ValueError(msg)
+        rows, columns = (math.ceil(image_size[0] / cell_size[0]), math.ceil(image_size[1] / cell_size[1]))
+        untiled = tiler.untile(embedding)[..., :rows, :columns]
+        return untiled, (rows * cell_size[0], columns * cell_size[1])
 
     @staticmethod
     def not_fitted_message() -> str:
@@ -100,6 +211,23 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         return (
             "ConTNetPaDiM has not been fitted: train it on normal images first (engine.fit / anomalib train) "
             "or load a trained checkpoint (--ckpt_path / ConTNetPaDiM.load_from_checkpoint)."
+        )
+
+    def export_precision_message(self) -> str:
+        """Why a model with ``precision`` other than float32 is not exported to ONNX/OpenVINO, and what to do.
+
+        The autocast becomes ``Cast`` nodes to bfloat16/float16 in front of every
+        convolution and matrix product of the graph. Tried with bfloat16: ONNX Runtime
+        refuses to load the file (no bfloat16 ``Conv``) and OpenVINO's ONNX front end
+        fails to convert it. The weights are float32 anyway, so a float32 export loses
+        nothing; the runtime then chooses the precision it computes in.
+        """
+        return (
+            f"ConTNetPaDiM with precision={self.precision!r} cannot be exported to ONNX/OpenVINO: the autocast "
+            f"puts {self.precision} casts before every convolution, and ONNX Runtime and OpenVINO's ONNX reader "
+            "reject such graphs. The weights are float32, so set model.model.precision = 'float32' before exporting "
+            "and choose the runtime's precision instead (OpenVINO: INFERENCE_PRECISION_HINT 'bf16' on CPUs with "
+            "bfloat16 support, or compression_type=CompressionType.FP16); ExportType.TORCH keeps the precision."
         )
 
     def raise_if_non_finite(self, values: torch.Tensor, images: torch.Tensor) -> None:
@@ -127,7 +255,9 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
                 f"the input images already hold NaN/Inf ({bad} of {total} images). Check the image files and "
                 "any custom pre-processing."
             )
-        for stage, output in self.feature_extractor.stage_outputs(images).items():
+        with self._backbone_precision(images.device):
+            outputs = self.feature_extractor.stage_outputs(self._tiles(images))
+        for stage, output in outputs.items():
             if bad := count_bad(output):
                 return (
                     f"they first appear in the output of backbone stage {stage!r} ({bad} of {total} images). The "
@@ -149,12 +279,26 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         reduction over B numbers). Under ``torch.export``/``torch.compile`` the
         check is left out, because a data-dependent branch cannot be exported;
         exported graphs come from models whose weights were checked on load.
+
+        Tracing for export (ONNX, OpenVINO) refuses ``precision`` other than float32:
+        see :meth:`export_precision_message`.
         """
         if not self.gaussian.is_fitted:
             raise NotFittedError(self.not_fitted_message())
-        embedding = self.extract_embedding(images)
+        if self.precision != "float32" and torch.compiler.is_exporting():
+            raise NotImplementedError(self.export_precision_message())
+        with torch.no_grad():
+            embedding, covered_size = self._embed(images)
+        fitted_positions = self.gaussian.mean.shape[0]
+        if embedding.shape[-2] * embedding.shape[-1] != fitted_positions:  # shapes only: export-safe
+            msg = (
+                f"the Gaussians were fitted on {fitted_positions} patch positions, but these inputs give a "
+                f"{embedding.shape[-2]}x{embedding.shape[-1]} grid (tiling {'on' if self.tiler else 'off'}): predict "
+                "with the image size and tiling (TilerConfigurationCallback) the model was trained with"
+            )
+            raise ValueError(msg)
         distances = self.gaussian(embedding)
-        anomaly_map = self.anomaly_map_generator(distances, images.shape[-2:])
+        anomaly_map = self.anomaly_map_generator(distances, covered_size)[..., : images.shape[-2], : images.shape[-1]]
         pred_score = torch.amax(anomaly_map, dim=(-2, -1))  # NaN anywhere in a map propagates to its score
         if not torch.compiler.is_compiling():  # True while torch.export / torch.onnx.export(dynamo=True) trace
             self.raise_if_non_finite(pred_score, images)
