@@ -281,24 +281,22 @@ def test_full_protocol_table_beside_the_paper_and_resume(tmp_path: Path, capsys:
     carpet_result = out / "jobs" / "carpet__contnet_padim_contnet_ti" / "result.json"
     carpet_written = carpet_result.stat().st_mtime_ns
 
-    # 2. The same command again: nothing runs, the table is rebuilt from the kept results.
-    assert main([*arguments, "--max-train", "0", "--max-test", "0"]) == 0
-    second = capsys.readouterr().out
-    assert job_lines(second, "running") == []
-    assert len(job_lines(second, "finished earlier, skipped")) == 2
-    assert carpet_result.stat().st_mtime_ns == carpet_written
-    with (out / "benchmark.csv").open(encoding="utf-8") as handle:
-        assert {row["category"]: row["image_auroc"] for row in csv.DictReader(handle)}["carpet"] == rows["carpet"][
-            "image_auroc"
-        ]
-
-    # 3. An interrupted job (no result) runs again; a changed argument reruns only the jobs it changes:
-    #    --max-train 4 picks 4 of carpet's 6 training images but is all of bottle's 4, so bottle is unchanged.
+    # 2. The same command again after bottle's job was interrupted (no result): only bottle runs,
+    #    carpet's kept result is reused untouched.
     (out / "jobs" / "bottle__contnet_padim_contnet_ti" / "result.json").unlink()
     assert main([*arguments, "--max-train", "0", "--max-test", "0"]) == 0
-    assert job_lines(capsys.readouterr().out, "running") == ["bottle__contnet_padim_contnet_ti"]
+    second = capsys.readouterr().out
+    assert job_lines(second, "running") == ["bottle__contnet_padim_contnet_ti"]
+    assert job_lines(second, "finished earlier, skipped") == ["carpet__contnet_padim_contnet_ti"]
+    assert carpet_result.stat().st_mtime_ns == carpet_written
+    with (out / "benchmark.csv").open(encoding="utf-8") as handle:
+        kept = {row["category"]: row["image_auroc"] for row in csv.DictReader(handle)}
+    assert kept["carpet"] == rows["carpet"]["image_auroc"]
+
+    # 3. A changed argument reruns only the jobs it changes: --max-train 4 picks 4 of carpet's
+    #    6 training images but is all of bottle's 4 (the same files), so bottle's job is unchanged.
     assert main([*arguments, "--max-train", "4", "--max-test", "0"]) == 0
-    fourth = capsys.readouterr().out
-    assert job_lines(fourth, "running") == ["carpet__contnet_padim_contnet_ti"]
-    assert job_lines(fourth, "finished earlier, skipped") == ["bottle__contnet_padim_contnet_ti"]
+    third = capsys.readouterr().out
+    assert job_lines(third, "running") == ["carpet__contnet_padim_contnet_ti"]
+    assert job_lines(third, "finished earlier, skipped") == ["bottle__contnet_padim_contnet_ti"]
     assert carpet_result.stat().st_mtime_ns != carpet_written
