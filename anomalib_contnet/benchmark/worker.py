@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from anomalib_contnet.benchmark.files import write_text_atomically
+from anomalib_contnet.warning_filters import install_warning_filters
 
 __all__ = ["JobResult", "JobSpec", "main", "peak_rss_bytes", "run_job"]
 
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(arguments) != 2:
         print("usage: python -m anomalib_contnet.benchmark.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
+    install_warning_filters()
     spec = JobSpec.from_json(Path(arguments[0]).read_text(encoding="utf-8"))
     result = run_job(spec)
     write_text_atomically(Path(arguments[1]), json.dumps(asdict(result), indent=1) + "\n")
