@@ -48,7 +48,6 @@ __all__ = [
     "DEFAULT_SEED",
     "BenchmarkError",
     "BenchmarkReport",
-    "PlannedJob",
     "run_benchmark",
 ]
 

@@ -209,6 +209,9 @@ def _run(spec: JobSpec, result: JobResult) -> None:
     started = time.perf_counter()
     result.image_auroc = roc_curve(scores.image_scores, scores.image_labels).auc
     if spec.pixel_labels and scores.masks is not None:
+        if spec.pixel_eval not in {"input", "native"}:
+            msg = f"pixel_eval must be 'input' or 'native', got {spec.pixel_eval!r}"
+            raise ValueError(msg)
         if spec.pixel_eval == "native":
             result.pixel_auroc = native_size_pixel_roc(scores).auc
         else:
