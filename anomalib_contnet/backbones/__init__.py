@@ -1,4 +1,8 @@
-"""Backbones: a ConTNet implementation that loads the published checkpoints, and its weight management."""
+"""Backbones: a ConTNet implementation that loads the published checkpoints, and its weight management.
+
+:mod:`anomalib_contnet.backbones.timm_contnet` registers the variants with timm; it is imported by
+``import anomalib_contnet`` (not here, so the ``weights`` commands run without timm).
+"""
 
 from anomalib_contnet.backbones.contnet import (
     CONTNET_CFGS,

@@ -15,6 +15,11 @@ convolution) are two different networks whose checkpoints differ only in the
 spelling of three keys. Keys are therefore never renamed from one spelling into
 the other: :func:`shortcut_of_state_dict` reads which network a checkpoint is,
 and the network built for it is that one.
+
+Any input of at least 32x32 pixels runs: the patch-wise encoders pad their map
+to whole patches and mask the padding out of attention (see
+:class:`PatchwiseTransformerEncoder`); multiples of 224 need no padding and
+compute exactly the published network.
 """
 
 from __future__ import annotations
