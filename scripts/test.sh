@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-.venv/bin/python -m ruff check anomalib_contnet tests benchmarks anomalib_contnet_autoload.py
-.venv/bin/python -m ruff format --check anomalib_contnet tests benchmarks anomalib_contnet_autoload.py
+.venv/bin/python -m ruff check anomalib_contnet tests benchmarks anomalib_contnet_autoload.py anomalib_contnet_entry.py
+.venv/bin/python -m ruff format --check anomalib_contnet tests benchmarks anomalib_contnet_autoload.py anomalib_contnet_entry.py
 .venv/bin/python -m pytest "$@"
