@@ -9,6 +9,11 @@ through anomalib's ``Engine``, changing nothing but the resize to 224x224:
 - ``aliased``: anomalib's ``PreProcessor`` with ``Resize(antialias=False)`` (what
   anomalib's exports compute), used everywhere as well, so fitted and tested alike.
 
+The textures are 160 px crops of 512 px photographs, bicubically enlarged, so at 1024 px
+they hold little detail finer than about 6 px. Real photographs also have detail, and
+sensor noise, at the pixel level; ``--noise SIGMA`` adds seeded Gaussian noise of SIGMA
+grey levels to every pixel of every image (the masks are unchanged) to measure that case.
+
 AUROC is anomalib's ``Evaluator`` (image: ``pred_score``; pixel: ``anomaly_map`` against the
 masks at 224 px). The validation set is the test set (MVTecAD's default), so the
 post-processor's min/max come from these very images and its normalisation never clips:
@@ -27,10 +32,12 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.pre_processing import PreProcessor
+from PIL import Image
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_contnet import ConTNetPaDiM
@@ -47,6 +54,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=1024, help="side of the written images")
     parser.add_argument("--n-train", type=int, default=40)
     parser.add_argument("--n-test", type=int, default=20, help="normal and defective test images each")
+    parser.add_argument("--noise", type=float, default=0.0, help="Gaussian pixel noise, grey levels (default none)")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     parser.add_argument("--categories", nargs="+", default=list(TEXTURE_CATEGORIES), choices=TEXTURE_CATEGORIES)
     return parser.parse_args()
@@ -71,6 +79,14 @@ def build_model(backbone: str, resize: str) -> ConTNetPaDiM:
     return model
 
 
+def add_pixel_noise(root: Path, sigma: float) -> None:
+    """Add Gaussian noise of ``sigma`` grey levels to every train and test image (not the masks), seeded per file."""
+    for index, path in enumerate(sorted(root.glob("*/t*/*/*.png"))):
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+        noise = np.random.default_rng(index).normal(0.0, sigma, pixels.shape)
+        Image.fromarray(np.clip(np.rint(pixels + noise), 0, 255).astype(np.uint8)).save(path)
+
+
 def measure(root: Path, category: str, backbone: str, resize: str, work: Path) -> dict[str, float]:
     datamodule = MVTecAD(root=root, category=category, train_batch_size=8, eval_batch_size=8, num_workers=0)
     model = build_model(backbone, resize)
@@ -93,6 +109,8 @@ def main() -> None:
         n_test_good=arguments.n_test,
         n_test_defect=arguments.n_test,
     )
+    if arguments.noise > 0:
+        add_pixel_noise(root, arguments.noise)
     rows = []
     for backbone in arguments.backbones:
         for category in arguments.categories:
@@ -103,7 +121,8 @@ def main() -> None:
             rows.append(result)
             print(json.dumps(result), flush=True)
     (arguments.work / "aliasing.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\n{arguments.image_size} px images resized to 224 px; image / pixel AUROC\n")
+    noise = f", pixel noise sigma {arguments.noise:g}" if arguments.noise > 0 else ""
+    print(f"\n{arguments.image_size} px images{noise}, resized to 224 px; image / pixel AUROC\n")
     print("| backbone | category | antialiased | aliased | change |")
     print("|---|---|---|---|---|")
     for row in rows:
