@@ -34,7 +34,7 @@ from anomalib.pre_processing.utils.transform import get_exportable_transform
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
-__all__ = ["AntialiasedResize", "ConTNetPreProcessor", "antialiased_resize", "resampling_matrix"]
+__all__ = ["AntialiasedResize", "ConTNetPreProcessor", "antialiased_resize"]
 
 
 def resampling_matrix(input_size: int, output_size: int, like: torch.Tensor) -> torch.Tensor:
