@@ -20,7 +20,7 @@ post-processor's min/max come from these very images and its normalisation never
 the ranking, hence AUROC, is that of the raw distances. (Raw scores cannot be given to
 the Evaluator: torchmetrics passes values outside [0, 1] through a sigmoid, which ties them.)
 
-Run (about 10 minutes on 2 busy cores)::
+Run (about 25 minutes on 2 busy cores)::
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 ANOMALIB_CONTNET_OFFLINE=1 python benchmarks/aliasing.py --work /tmp/aliasing
 """

@@ -18,7 +18,7 @@ and ``TorchInferencer``, and compared with ``Engine.predict`` on the same folder
 largest |difference| of the normalised score, largest map difference relative to
 the largest reference map value, and labels that differ.
 
-Run (about 10 minutes on 2 busy cores)::
+Run (about 25 minutes on 2 busy cores)::
 
     export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 ANOMALIB_CONTNET_OFFLINE=1
     python benchmarks/deploy_parity.py --work /tmp/deploy_parity
