@@ -100,10 +100,11 @@ def test_unfitted_model_refuses_to_predict() -> None:
         small_model()(images(1, 0))
 
 
-def test_input_size_not_a_multiple_of_224_is_refused() -> None:
+def test_any_input_size_gives_its_grid_and_too_small_inputs_are_refused() -> None:
     model = small_model()
-    with pytest.raises(ValueError, match="multiples of 224"):
-        model.extract_embedding(images(1, 0, side=256))
+    assert model.extract_embedding(images(1, 0, side=256)).shape[-2:] == (8, 8)
+    with pytest.raises(ValueError, match="at least 32 pixels"):
+        model.extract_embedding(images(1, 0, side=16))
 
 
 def test_get_model_and_list_models_find_the_plugin() -> None:
