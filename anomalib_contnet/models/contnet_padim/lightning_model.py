@@ -364,6 +364,15 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             **kwargs,
         )
 
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Path:
+        """Export to ONNX (OpenVINO goes through here too), refusing half precision before tracing starts.
+
+        Tracing would fail later inside torch.onnx, with our reason buried under its own.
+        """
+        if self.model.precision != "float32":
+            raise NotImplementedError(self.model.export_precision_message())
+        return super().to_onnx(*args, **kwargs)
+
     def to_torch(self, *args: Any, **kwargs: Any) -> Path:
         """Export as a pickled module, refusing an unfitted model (it could only raise NotFittedError later)."""
         if not self.model.gaussian.is_fitted:
