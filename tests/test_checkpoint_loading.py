@@ -8,9 +8,6 @@ offline and predict bit-identically, with the architecture it was fitted as.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +15,11 @@ import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from stock_cli import run_anomalib
 
 from anomalib_contnet import ConTNetPaDiM
 from anomalib_contnet.backbones.contnet import create_contnet
 
-ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 BACKBONE_PREFIX = "model.feature_extractor.backbone."
 AVG_DOWN_KEY = "layer1.ConTBlock0.downsample.conv.conv.weight"
 STRIDED_KEY = "layer1.ConTBlock0.downsample.conv.weight"
@@ -110,16 +107,6 @@ def test_engine_with_ckpt_path_predicts_bit_identically_offline(
     assert torch.equal(maps, fitted.maps)
     (results,) = engine(tmp_path / "test").test(model=model, datamodule=data, ckpt_path=str(fitted.checkpoint))
     assert results["image_AUROC"] > 0.5
-
-
-def run_anomalib(*arguments: str, cwd: Path) -> str:
-    environment = os.environ | {"HF_HUB_OFFLINE": "1", "ANOMALIB_CONTNET_OFFLINE": "1", "COLUMNS": "200"}
-    result = subprocess.run(
-        [ANOMALIB, *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=900, check=False
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
-    return output
 
 
 @pytest.mark.slow

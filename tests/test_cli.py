@@ -18,29 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from stock_cli import reported_metric, run_anomalib
 
 from anomalib_contnet.warning_filters import KNOWN_WARNINGS, LIGHTNING_TIPS, RANK_ZERO_LOGGERS, install_warning_filters
 
-ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 ANOMALIB_CONTNET = str(Path(sys.executable).with_name("anomalib-contnet"))
 HEAVY_PACKAGES = {"anomalib", "lightning", "timm", "torchvision", "openvino"}
-
-
-def run_anomalib(*arguments: str, cwd: Path) -> str:
-    """Run the stock CLI in a fresh process; return its output, failing the test with it on error."""
-    environment = os.environ | {"HF_HUB_OFFLINE": "1", "ANOMALIB_CONTNET_OFFLINE": "1", "COLUMNS": "200"}
-    result = subprocess.run(
-        [ANOMALIB, *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=900, check=False
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
-    return output
-
-
-def reported_metric(output: str, name: str) -> float:
-    match = re.search(rf"{name}\s*│\s*([0-9.]+)", output)
-    assert match, f"{name} missing from the CLI output:\n{output[-3000:]}"
-    return float(match.group(1))
 
 
 def train_arguments(root: Path, category: str, results: Path, *extra: str) -> list[str]:

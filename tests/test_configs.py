@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from stock_cli import reported_metric, run_anomalib
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 MODEL_CONFIG = CONFIGS / "model" / "contnet_padim.yaml"
-ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 DATASET_NAME = "my_parts"
 """The ``name`` in configs/data/folder.yaml: anomalib writes results under results/ConTNetPaDiM/<name>/."""
 SMALL_MODEL = ("--model.backbone", "contnet_ti", "--model.pre_trained", "false")
 SMALL_LOADERS = ("--data.train_batch_size", "4", "--data.eval_batch_size", "4", "--data.num_workers", "0")
-
-
-def run_anomalib(*arguments: str, cwd: Path) -> str:
-    """Run the stock CLI in a fresh process; return stdout + stderr, failing the test with them on error."""
-    environment = os.environ | {"HF_HUB_OFFLINE": "1", "ANOMALIB_CONTNET_OFFLINE": "1", "COLUMNS": "200"}
-    result = subprocess.run(
-        [ANOMALIB, *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=900, check=False
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
-    return output
 
 
 def test_every_config_is_model_only_or_data_only() -> None:
@@ -96,12 +82,6 @@ def trained_on_own_folder(tiny_mvtec: tuple[Path, str], tmp_path_factory: pytest
 def _copy(source: Path, destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, destination)
-
-
-def reported_metric(output: str, name: str) -> float:
-    match = re.search(rf"{name}\s*│\s*([0-9.]+)", output)
-    assert match, f"{name} missing from the CLI output:\n{output[-3000:]}"
-    return float(match.group(1))
 
 
 @pytest.mark.slow

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import functools
 import http.server
-import os
-import re
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +19,12 @@ import pytest
 import timm
 import torch
 from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+from stock_cli import reported_metric, run_anomalib
 
 from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
 from anomalib_contnet.backbones.contnet import STAGE_REDUCTIONS, ConTNet, create_contnet
 from anomalib_contnet.backbones.weights import PUBLISHED_WEIGHTS, WeightsError
 
-ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 VARIANTS = ["contnet_b", "contnet_m", "contnet_s", "contnet_ti"]
 TI_WIDTH = 48
 IMAGE = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
@@ -273,27 +269,6 @@ def test_anomalib_models_train_untrained_contnet_without_any_weights(
     assert results["pixel_AUROC"] > 0.5  # the defects are obvious, even to untrained features
 
 
-def run_anomalib_train(*arguments: str, cwd: Path, environment: dict[str, str]) -> str:
-    result = subprocess.run(
-        [ANOMALIB, "train", *arguments],
-        cwd=cwd,
-        env=os.environ | {"HF_HUB_OFFLINE": "1", "ANOMALIB_CONTNET_OFFLINE": "1", "COLUMNS": "200"} | environment,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
-    return output
-
-
-def reported_metric(output: str, name: str) -> float:
-    match = re.search(rf"{name}\s*│\s*([0-9.]+)", output)
-    assert match, f"{name} missing from the CLI output:\n{output[-3000:]}"
-    return float(match.group(1))
-
-
 @pytest.fixture(scope="module")
 def contnet_b_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     """A ConTNet-B checkpoint of the published avg-down layout, written by our builder (random values)."""
@@ -335,7 +310,8 @@ def test_stock_cli_trains_anomalib_models_on_pretrained_contnet_b(
         environment = {"ANOMALIB_CONTNET_CACHE": str(cache)}
     else:
         environment = {"ANOMALIB_CONTNET_WEIGHTS": str(path)}
-    output = run_anomalib_train(
+    output = run_anomalib(
+        "train",
         *model_arguments,
         *("--model.backbone", "contnet_b", "--model.pre_trained", "true"),
         *("--data", "MVTecAD", "--data.root", str(root), "--data.category", category),
