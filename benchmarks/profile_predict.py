@@ -24,7 +24,7 @@ from _common import add_threads_option, apply_threads, machine_summary, markdown
 from anomalib.data import InferenceBatch
 
 from anomalib_contnet import ConTNetPaDiM
-from anomalib_contnet.backbones import STAGE_NAMES
+from anomalib_contnet.backbones.contnet import STAGE_NAMES
 
 
 def fitted_module(backbone: str) -> ConTNetPaDiM:

@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from anomalib_contnet.backbones.contnet import (
-    CONTNET_CFGS,
     STAGE_NAMES,
     ConTBlock,
     ConTNet,
-    ConTNetConfig,
     PatchwiseTransformerEncoder,
     create_contnet,
+)
+from anomalib_contnet.backbones.contnet_configs import (
+    CONTNET_CFGS,
+    ConTNetConfig,
     list_contnet_variants,
     shortcut_of_state_dict,
 )

@@ -9,7 +9,7 @@ from anomalib.models.components import MultiVariateGaussian
 from anomalib.models.image.padim.anomaly_map import AnomalyMapGenerator as PadimAnomalyMapGenerator
 
 from anomalib_contnet import ConTNetPaDiM, ConTNetPaDiMModel, NotFittedError
-from anomalib_contnet.backbones.weights import WeightsError
+from anomalib_contnet.backbones.weight_files import WeightsError
 
 
 def small_model(**overrides: object) -> ConTNetPaDiMModel:

@@ -44,13 +44,8 @@ from torch import distributed
 
 from anomalib_contnet import ConTNetPaDiM
 from anomalib_contnet.backbones.contnet import STAGE_NAMES, checkpoint_filter_fn, create_contnet
-from anomalib_contnet.backbones.weights import (
-    WeightsError,
-    download,
-    load_checkpoint_file,
-    resolve_weights,
-    validated_state_dict,
-)
+from anomalib_contnet.backbones.weight_files import WeightsError, download, resolve_weights
+from anomalib_contnet.backbones.weights import load_checkpoint_file, validated_state_dict
 from anomalib_contnet.models.contnet_padim import ConTNetPaDiMModel, NonFiniteError, NotFittedError
 from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
 

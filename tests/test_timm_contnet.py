@@ -23,7 +23,7 @@ from stock_cli import reported_metric, run_anomalib
 
 from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
 from anomalib_contnet.backbones.contnet import STAGE_REDUCTIONS, ConTNet, create_contnet
-from anomalib_contnet.backbones.weights import PUBLISHED_WEIGHTS, WeightsError
+from anomalib_contnet.backbones.weight_files import PUBLISHED_WEIGHTS, WeightsError
 
 VARIANTS = ["contnet_b", "contnet_m", "contnet_s", "contnet_ti"]
 TI_WIDTH = 48

@@ -30,18 +30,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomalib_contnet.backbones.contnet import ConTNet, ConTNetConfig, create_contnet
-from anomalib_contnet.backbones.weights import (
+from anomalib_contnet.backbones.contnet import ConTNet, create_contnet
+from anomalib_contnet.backbones.contnet_configs import ConTNetConfig
+from anomalib_contnet.backbones.weight_files import (
     PUBLISHED_WEIGHTS,
     PublishedWeights,
     WeightsError,
     cache_dir,
     download,
-    load_checkpoint_file,
-    pretrained_contnet,
     resolve_weights,
-    validated_state_dict,
 )
+from anomalib_contnet.backbones.weights import load_checkpoint_file, pretrained_contnet, validated_state_dict
 from anomalib_contnet.cli import main
 
 GOLDEN = Path(__file__).parent / "data" / "contnet_tiny_golden.pt"
@@ -566,17 +565,15 @@ def test_cli_list(capsys: pytest.CaptureFixture[str], isolated_environment: Path
     assert main(["weights", "list"]) == 0
     listing = capsys.readouterr().out
     assert str(isolated_environment) in listing
-    for name, parameters in {"contnet_ti": "5,888,992", "contnet_b": "36,043,112"}.items():
+    for name in ("contnet_ti", "contnet_b"):
         line = next(line for line in listing.splitlines() if line.startswith(f"{name} "))
-        assert parameters in line
         assert "missing" in line
         assert str(isolated_environment / f"{name}.pth") in line
     assert PUBLISHED_WEIGHTS["contnet_b"].url in listing
     assert main(["weights", "import", "contnet_ti", str(ti_checkpoint)]) == 0
+    capsys.readouterr()  # the import's own message also starts with the variant's name
     assert main(["weights", "list"]) == 0
-    line = next(
-        line for line in capsys.readouterr().out.splitlines() if line.startswith("contnet_ti ") and "params" in line
-    )
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("contnet_ti "))
     assert " cached " in line
 
 
@@ -853,7 +850,7 @@ def test_cli_list_shows_the_shortcut_of_each_file(
     def listed() -> dict[str, str]:
         assert main(["weights", "list"]) == 0
         lines = capsys.readouterr().out.splitlines()
-        return {line.split()[0]: line for line in lines if " params " in line}
+        return {line.split()[0]: line for line in lines if line.startswith("contnet_")}
 
     defaults = listed()
     assert "missing" in defaults["contnet_b"]
@@ -861,6 +858,7 @@ def test_cli_list_shows_the_shortcut_of_each_file(
     for name in ("contnet_ti", "contnet_s", "contnet_m"):
         assert "strided (default)" in defaults[name]
     assert main(["weights", "import", "contnet_ti", str(ti_networks[True].path)]) == 0
+    capsys.readouterr()  # the import's own message also starts with the variant's name
     cached = listed()["contnet_ti"]
     assert " cached " in cached
     assert "avg-down (downsample.conv.conv)" in cached

@@ -1,27 +1,8 @@
 """Backbones: a ConTNet implementation that loads the published checkpoints, and its weight management.
 
-:mod:`anomalib_contnet.backbones.timm_contnet` registers the variants with timm; it is imported by
-``import anomalib_contnet`` (not here, so the ``weights`` commands run without timm).
+Modules: :mod:`.contnet_configs` (the variant table, no torch), :mod:`.contnet` (the network),
+:mod:`.weight_files` (finding, downloading and caching checkpoint files, no torch), :mod:`.weights`
+(reading, checking and loading them) and :mod:`.timm_contnet` (the timm registration, imported by
+``import anomalib_contnet``). This package imports none of them itself, so ``anomalib-contnet weights
+list`` runs without torch.
 """
-
-from anomalib_contnet.backbones.contnet import (
-    CONTNET_CFGS,
-    STAGE_NAMES,
-    ConTNet,
-    ConTNetConfig,
-    checkpoint_filter_fn,
-    create_contnet,
-    list_contnet_variants,
-    shortcut_of_state_dict,
-)
-
-__all__ = [
-    "CONTNET_CFGS",
-    "STAGE_NAMES",
-    "ConTNet",
-    "ConTNetConfig",
-    "checkpoint_filter_fn",
-    "create_contnet",
-    "list_contnet_variants",
-    "shortcut_of_state_dict",
-]

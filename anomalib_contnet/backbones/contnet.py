@@ -24,7 +24,6 @@ compute exactly the published network.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,6 +31,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
+
+from anomalib_contnet.backbones.contnet_configs import (
+    CONTNET_CFGS,
+    STAGE_STRIDES,
+    ConTNetConfig,
+    list_contnet_variants,
+    shortcut_of_state_dict,
+)
 
 __all__ = [
     "CONTNET_CFGS",
@@ -61,91 +68,6 @@ STAGE_PATCH_SIZES: tuple[tuple[int, int], ...] = ((7, 14), (7, 14), (7, 14), (7,
 
 STAGE_REDUCTIONS: tuple[int, ...] = (4, 8, 16, 32, 32)
 """How many input pixels one cell of each stage's map spans per side (timm's ``feature_info`` reduction)."""
-
-STAGE_STRIDES: tuple[int, ...] = (2, 2, 2, 1)
-"""Stride of the last (widening) block of stages 1..4; only stride-2 blocks differ between the two shortcuts."""
-
-SHORTCUT_LABELS: dict[bool, str] = {True: "avg-down", False: "strided"}
-"""Short names of the two down-sampling shortcuts, keyed by ``avg_down``, for messages and listings."""
-
-SHORTCUT_SPELLINGS: dict[bool, str] = {True: "downsample.conv.conv", False: "downsample.conv"}
-"""How each shortcut's 1x1 projection is spelled in the state_dict keys of the stride-2 blocks."""
-
-
-@dataclass(frozen=True)
-class ConTNetConfig:
-    """Architecture hyper-parameters of one ConTNet variant.
-
-    Field names follow the authors' constructor so that a config dict saved by
-    their code (for example the golden test file) can be passed as ``ConTNetConfig(**cfg)``.
-
-    ``avg_down`` picks the shortcut of the stride-2 blocks (last block of stages
-    1-3): False is a 1x1 convolution with stride 2 (keys ``downsample.conv.weight``),
-    True is 2x2 average pooling followed by a stride-1 1x1 convolution (keys
-    ``downsample.conv.conv.weight``). Same parameter shapes, different features.
-    """
-
-    inplanes: int
-    layers: tuple[int, ...]
-    mlp_dim: tuple[int, ...]
-    head_num: tuple[int, ...]
-    dropout: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
-    last_dropout: float = 0.0
-    num_classes: int = 1000
-    avg_down: bool = False
-
-    def __post_init__(self) -> None:
-        """Normalise lists to tuples and reject configs the architecture cannot build."""
-        for name in ("layers", "mlp_dim", "head_num", "dropout"):
-            value = tuple(getattr(self, name))
-            if len(value) != 4:
-                msg = f"ConTNetConfig.{name} needs one value per stage (4), got {value!r}"
-                raise ValueError(msg)
-            object.__setattr__(self, name, value)
-        for stage, heads in enumerate(self.head_num):
-            width = self.inplanes * 2**stage
-            if width % heads or width % 2:
-                msg = (
-                    f"stage {stage + 1} width {width} must be even and divisible by its {heads} heads; "
-                    f"choose another inplanes ({self.inplanes})"
-                )
-                raise ValueError(msg)
-        if any(n < 1 for n in self.layers):
-            msg = f"every stage needs at least one block, got layers={self.layers}"
-            raise ValueError(msg)
-
-
-CONTNET_CFGS: dict[str, ConTNetConfig] = {
-    "contnet_ti": ConTNetConfig(inplanes=48, layers=(1, 1, 1, 1), mlp_dim=(196, 392, 768, 768), head_num=(1, 2, 4, 8)),
-    "contnet_s": ConTNetConfig(inplanes=64, layers=(1, 1, 1, 1), mlp_dim=(256, 512, 1024, 1024), head_num=(1, 2, 4, 8)),
-    "contnet_m": ConTNetConfig(inplanes=64, layers=(2, 2, 2, 2), mlp_dim=(256, 512, 1024, 1024), head_num=(1, 2, 4, 8)),
-    "contnet_b": ConTNetConfig(
-        inplanes=64,
-        layers=(3, 4, 6, 3),
-        mlp_dim=(256, 512, 1024, 1024),
-        head_num=(1, 2, 4, 8),
-        dropout=(0.0, 0.0, 0.1, 0.1),
-        last_dropout=0.2,
-        avg_down=True,
-    ),
-}
-"""The four published variants, as in the ConTNet paper and code.
-
-``avg_down`` in each row is the architecture of the variant's published
-download, used when no checkpoint says otherwise (``pre_trained=False``, or an
-untrained model that will receive a checkpoint of that download later). The
-only stable download of ``contnet_b`` (okotaku/timmextension, ``w_contnet``) is
-loaded strictly there into an avg-down ConT-B, so it is spelled
-``downsample.conv.conv`` and is the avg-down network; ``contnet_m.pth`` is spelled
-``downsample.conv`` (that project renames it), so M defaults to the strided
-network its keys describe; Ti and S have no stable download and keep the
-authors' default (strided). When a checkpoint is loaded its own spelling decides.
-"""
-
-
-def list_contnet_variants() -> list[str]:
-    """Return the names accepted by :func:`create_contnet`."""
-    return sorted(CONTNET_CFGS)
 
 
 class ConvUnit(nn.Module):
@@ -469,43 +391,6 @@ class ConTNet(nn.Module):
     def parameter_count(self) -> int:
         """Number of parameters (buffers excluded)."""
         return sum(parameter.numel() for parameter in self.parameters())
-
-
-_SHORTCUT_KEY = re.compile(r"^layer(?P<stage>[1-4])\.ConTBlock\d+\.downsample\.conv\.(?P<pooled>conv\.)?weight$")
-
-
-def shortcut_of_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool | None:
-    """Tell which shortcut network an (unwrapped) state_dict belongs to: the ``avg_down`` value to build.
-
-    True for the avg-down spelling (``downsample.conv.conv.weight``), False for
-    the strided one (``downsample.conv.weight`` in a stride-2 block), None when
-    no down-sampling shortcut key is present (a partial dict, e.g. only ``fc``).
-    Stage 4's stride-1 shortcut is spelled ``downsample.conv.weight`` in both
-    networks and says nothing.
-
-    Raises:
-        ValueError: when both spellings occur, which no ConTNet can hold.
-    """
-    spelled: dict[bool, list[str]] = {True: [], False: []}
-    for key in state_dict:
-        match = _SHORTCUT_KEY.match(key)
-        if match is None:
-            continue
-        pooled = match["pooled"] is not None
-        if pooled or STAGE_STRIDES[int(match["stage"]) - 1] > 1:
-            spelled[pooled].append(key)
-    if spelled[True] and spelled[False]:
-        msg = (
-            f"the checkpoint mixes both shortcut spellings ({spelled[True][0]}: avg-down, "
-            f"{spelled[False][0]}: strided); they belong to two different networks, so no ConTNet can load it. "
-            f"The file was edited or assembled from two models: use an original checkpoint."
-        )
-        raise ValueError(msg)
-    if spelled[True]:
-        return True
-    if spelled[False]:
-        return False
-    return None
 
 
 def unwrap_checkpoint(checkpoint: Any) -> dict[str, torch.Tensor]:

@@ -42,20 +42,10 @@ from timm.models import (
     resolve_pretrained_cfg,
 )
 
-from anomalib_contnet.backbones.contnet import (
-    CONTNET_CFGS,
-    SHORTCUT_LABELS,
-    ConTNet,
-    checkpoint_filter_fn,
-    contnet_from_config,
-)
-from anomalib_contnet.backbones.weights import (
-    AUTHORS_REPOSITORY,
-    PUBLISHED_WEIGHTS,
-    WeightsError,
-    locate_checkpoint,
-    validated_state_dict,
-)
+from anomalib_contnet.backbones.contnet import ConTNet, checkpoint_filter_fn, contnet_from_config
+from anomalib_contnet.backbones.contnet_configs import CONTNET_CFGS, SHORTCUT_LABELS
+from anomalib_contnet.backbones.weight_files import AUTHORS_REPOSITORY, PUBLISHED_WEIGHTS, WeightsError
+from anomalib_contnet.backbones.weights import locate_checkpoint, validated_state_dict
 
 __all__: list[str] = []  # register_model appends the entry points
 

@@ -17,25 +17,21 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from anomalib_contnet.backbones.contnet import (
+from anomalib_contnet.backbones.contnet_configs import (
     CONTNET_CFGS,
     SHORTCUT_LABELS,
     SHORTCUT_SPELLINGS,
-    create_contnet,
     list_contnet_variants,
+    shortcut_of_state_dict,
 )
-from anomalib_contnet.backbones.weights import (
+from anomalib_contnet.backbones.weight_files import (
     WEIGHTS_ENV,
     WeightsError,
     cache_dir,
     cached_weights_path,
-    download_weights,
-    import_weights,
     published_weights,
     resolve_weights,
-    shortcut_of_file,
+    state_dict_keys_in_file,
 )
 
 ERROR_EXIT_CODE = 2
@@ -57,21 +53,30 @@ def _reporting_errors(handler: Handler) -> Handler:
     return wrapper
 
 
-def _parameter_count(name: str) -> int:
-    """Parameters of the variant with its 1000-class head, counted on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        return create_contnet(name).parameter_count()
+def _spelled_shortcut(path: Path) -> bool | str:
+    """The ``avg_down`` that ``path``'s keys spell, read without torch, or what keeps it from being told."""
+    keys = state_dict_keys_in_file(path)
+    if keys is None:
+        return "unknown (not a zip checkpoint)"
+    try:
+        avg_down = shortcut_of_state_dict(key.removeprefix("module.") for key in keys)
+    except ValueError:
+        return "unusable (mixes both spellings)"
+    return "no shortcut keys" if avg_down is None else avg_down
 
 
 def _file_shortcut(path: Path) -> str:
-    """Which shortcut network ``path`` holds, read from its keys; what is wrong with it when that cannot be told."""
-    try:
-        avg_down = shortcut_of_file(path)
-    except WeightsError:
-        return "unreadable"
-    if avg_down is None:
-        return "no shortcut keys"
-    return f"{SHORTCUT_LABELS[avg_down]} ({SHORTCUT_SPELLINGS[avg_down]})"
+    """Which shortcut network ``path`` holds, for the listing: ``avg-down (downsample.conv.conv)``."""
+    avg_down = _spelled_shortcut(path)
+    return avg_down if isinstance(avg_down, str) else f"{SHORTCUT_LABELS[avg_down]} ({SHORTCUT_SPELLINGS[avg_down]})"
+
+
+def _shortcut_note(path: Path) -> str:
+    """``(avg-down shortcut: the file spells downsample.conv.conv)`` or the strided counterpart."""
+    avg_down = _spelled_shortcut(path)
+    if isinstance(avg_down, str):
+        return f"(shortcut: {avg_down})"
+    return f"({SHORTCUT_LABELS[avg_down]} shortcut: the file spells {SHORTCUT_SPELLINGS[avg_down]})"
 
 
 def _found_file(name: str) -> Path | None:
@@ -98,20 +103,14 @@ def _list(_args: argparse.Namespace) -> int:
             state, path = ("cached" if found == cached else "found"), found
             shortcut = _file_shortcut(found)
         url = entry.url or "(no stable URL: get it from the authors, then `weights import`)"
-        print(f"{name:<11} {_parameter_count(name):>11,} params  {state:<8} {shortcut:<32} {path}  {url}")
+        print(f"{name:<11} {state:<8} {shortcut:<32} {path}  {url}")
     return 0
-
-
-def _shortcut_note(path: Path) -> str:
-    """``(avg-down shortcut: the file spells downsample.conv.conv)`` or the strided counterpart."""
-    avg_down = shortcut_of_file(path)
-    if avg_down is None:
-        return "(no down-sampling shortcut keys)"
-    return f"({SHORTCUT_LABELS[avg_down]} shortcut: the file spells {SHORTCUT_SPELLINGS[avg_down]})"
 
 
 @_reporting_errors
 def _download(args: argparse.Namespace) -> int:
+    from anomalib_contnet.backbones.weights import download_weights  # noqa: PLC0415  (torch: not for `list`)
+
     destination = cached_weights_path(args.name)
     if destination.is_file() and not args.force:
         print(f"{args.name} is already cached at {destination} (use --force to download it again)")
@@ -123,6 +122,8 @@ def _download(args: argparse.Namespace) -> int:
 
 @_reporting_errors
 def _import(args: argparse.Namespace) -> int:
+    from anomalib_contnet.backbones.weights import import_weights  # noqa: PLC0415  (torch: not for `list`)
+
     path = import_weights(args.name, args.path)
     print(f"{args.name} weights checked and stored at {path} {_shortcut_note(path)}")
     if os.environ.get(WEIGHTS_ENV):
@@ -135,9 +136,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("weights", help="list, download and import ConTNet ImageNet checkpoints")
     commands = group.add_subparsers(dest="weights_command", required=True, metavar="{list,download,import}")
 
-    listing = commands.add_parser(
-        "list", help="show variants, parameter counts, cache state, shortcut network and download URLs"
-    )
+    listing = commands.add_parser("list", help="show variants, cache state, shortcut network and download URLs")
     listing.set_defaults(handler=_list)
 
     fetching = commands.add_parser("download", help="download a variant's checkpoint into the cache")

@@ -10,7 +10,7 @@ import argparse
 import shlex
 import sys
 
-from anomalib_contnet.backbones.weights import WeightsError
+from anomalib_contnet.backbones.weight_files import WeightsError
 from anomalib_contnet.benchmark.configs import MODEL_CONFIGS
 from anomalib_contnet.benchmark.paper import MVTEC_AD
 from anomalib_contnet.benchmark.runner import DEFAULT_CORESET_RATIO, DEFAULT_SEED, BenchmarkError, run_benchmark

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from anomalib_contnet.backbones.weights import WEIGHTS_ENV, WeightsError, cached_weights_path, resolve_weights
+from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, WeightsError, cached_weights_path, resolve_weights
 from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
 
 __all__ = [

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from anomalib_contnet.backbones.weights import WeightsError
+from anomalib_contnet.backbones.weight_files import WeightsError
 from anomalib_contnet.data import DatasetPrepareError
 from anomalib_contnet.demo.pipeline import BACKBONE_CHOICES, TINY_SIZES, DemoError, DemoOptions, run_demo
 from anomalib_contnet.pretrained import WeightConversionError

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomalib_contnet.backbones.weights import WEIGHTS_ENV, cached_weights_path, published_weights
+from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, cached_weights_path, published_weights
 from anomalib_contnet.benchmark.configs import (
     MODEL_CONFIGS,
     OFFLINE_EFFICIENTNET_LABEL,

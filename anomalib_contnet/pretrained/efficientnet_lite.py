@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from timm.models import get_pretrained_cfg
 
-from anomalib_contnet.backbones.weights import cache_dir
+from anomalib_contnet.backbones.weight_files import cache_dir
 from anomalib_contnet.fileio import file_sha256
 
 __all__ = [

@@ -21,8 +21,8 @@ import timm
 import torch
 from torch import nn
 
-from anomalib_contnet.backbones import STAGE_NAMES, create_contnet, list_contnet_variants
-from anomalib_contnet.backbones.contnet import shortcut_of_state_dict
+from anomalib_contnet.backbones.contnet import STAGE_NAMES, create_contnet
+from anomalib_contnet.backbones.contnet_configs import list_contnet_variants, shortcut_of_state_dict
 
 __all__ = ["FrozenFeatureExtractor", "build_feature_extractor", "is_contnet"]
 
