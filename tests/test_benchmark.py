@@ -13,19 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from anomalib_contnet.benchmark import CSV_COLUMNS
-from anomalib_contnet.benchmark.ablation import PAPER_VARIANT, ablation_variants
-from anomalib_contnet.benchmark.configs import OFFLINE_EFFICIENTNET_LABEL, RANDOM_INIT_LABEL
-from anomalib_contnet.benchmark.metrics import roc_curve
-from anomalib_contnet.benchmark.paper import (
+from anomalib_contnet.cli import main
+from anomalib_contnet.data import make_tiny_mvtec
+from anomalib_contnet.evaluation import CSV_COLUMNS
+from anomalib_contnet.evaluation.ablation import PAPER_VARIANT, ablation_variants
+from anomalib_contnet.evaluation.configs import OFFLINE_EFFICIENTNET_LABEL, RANDOM_INIT_LABEL
+from anomalib_contnet.evaluation.metrics import roc_curve
+from anomalib_contnet.evaluation.paper import (
     MVTEC_AD_OBJECTS,
     MVTEC_AD_TEXTURES,
     PAPER_AUROC_PERCENT,
     expand_categories,
 )
-from anomalib_contnet.benchmark.subsets import materialise_subset
-from anomalib_contnet.cli import main
-from anomalib_contnet.data import make_tiny_mvtec
+from anomalib_contnet.evaluation.subsets import materialise_subset
 
 
 def pairwise_auroc(scores: list[float], labels: list[bool]) -> float:

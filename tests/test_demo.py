@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalib_contnet.benchmark.configs import OFFLINE_EFFICIENTNET_LABEL
 from anomalib_contnet.cli import main
 from anomalib_contnet.demo.pipeline import TINY_SIZES
+from anomalib_contnet.evaluation.configs import OFFLINE_EFFICIENTNET_LABEL
 
 
 @pytest.fixture

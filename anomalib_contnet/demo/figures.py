@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from anomalib_contnet.benchmark.metrics import RocCurve
+from anomalib_contnet.evaluation.metrics import RocCurve
 
 __all__ = ["SamplePrediction", "render_prediction_grid", "render_roc_curves"]
 

@@ -34,19 +34,19 @@ import torch
 from PIL import Image
 
 from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, cached_weights_path, published_weights
-from anomalib_contnet.benchmark.configs import (
+from anomalib_contnet.data.elpv import seeded_order
+from anomalib_contnet.demo.figures import SamplePrediction, render_prediction_grid, render_roc_curves
+from anomalib_contnet.demo.report import render_report
+from anomalib_contnet.evaluation.configs import (
     MODEL_CONFIGS,
     OFFLINE_EFFICIENTNET_LABEL,
     RANDOM_INIT_LABEL,
     ModelConfig,
     find_contnet_weights,
 )
-from anomalib_contnet.benchmark.files import staged_directory, write_text_atomically
-from anomalib_contnet.benchmark.metrics import RawScores, RocCurve, localisation_aupro, roc_curve
-from anomalib_contnet.benchmark.subsets import CategorySubset, ensure_category, materialise_subset
-from anomalib_contnet.data.elpv import seeded_order
-from anomalib_contnet.demo.figures import SamplePrediction, render_prediction_grid, render_roc_curves
-from anomalib_contnet.demo.report import render_report
+from anomalib_contnet.evaluation.files import staged_directory, write_text_atomically
+from anomalib_contnet.evaluation.metrics import RawScores, RocCurve, localisation_aupro, roc_curve
+from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, materialise_subset
 
 __all__ = [
     "BACKBONE_CHOICES",

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only; the pipeline imports this module
-    from anomalib_contnet.benchmark.subsets import CategorySubset
     from anomalib_contnet.demo.pipeline import BackboneChoice, DemoOptions
+    from anomalib_contnet.evaluation.subsets import CategorySubset
 
 __all__ = ["render_report"]
 

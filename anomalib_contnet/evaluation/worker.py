@@ -1,4 +1,4 @@
-"""One benchmark job, run in a process of its own: ``python -m anomalib_contnet.benchmark.worker SPEC RESULT``.
+"""One benchmark job, run in a process of its own: ``python -m anomalib_contnet.evaluation.worker SPEC RESULT``.
 
 A process per job is what makes the numbers honest: peak memory is that job's
 alone (read from ``VmHWM``, the high-water mark of this process's own address
@@ -10,7 +10,7 @@ imported, and a job that runs out of memory takes down only itself.
 The job fits the model through anomalib's ``Engine`` on the training split,
 saves a checkpoint (timed and sized separately), predicts the test split with
 the post-processor disabled, and scores the raw outputs (see
-:mod:`anomalib_contnet.benchmark.metrics`). The result is a JSON file, written
+:mod:`anomalib_contnet.evaluation.metrics`). The result is a JSON file, written
 atomically, with ``status`` ``"ok"`` or ``"failed"`` and the reason.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomalib_contnet.benchmark.files import write_text_atomically
+from anomalib_contnet.evaluation.files import write_text_atomically
 from anomalib_contnet.warning_filters import install_warning_filters
 
 __all__ = ["JobResult", "JobSpec", "main", "peak_rss_bytes", "run_job"]
@@ -158,7 +158,7 @@ def _run(spec: JobSpec, result: JobResult) -> None:
     from anomalib.engine import Engine  # noqa: PLC0415
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
-    from anomalib_contnet.benchmark.metrics import (  # noqa: PLC0415
+    from anomalib_contnet.evaluation.metrics import (  # noqa: PLC0415
         collect_raw_scores,
         localisation_aupro,
         native_size_pixel_roc,
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     """Read the spec, run the job, write the result; exit 0 when the job succeeded."""
     arguments = sys.argv[1:] if argv is None else argv
     if len(arguments) != 2:
-        print("usage: python -m anomalib_contnet.benchmark.worker SPEC.json RESULT.json", file=sys.stderr)
+        print("usage: python -m anomalib_contnet.evaluation.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
     install_warning_filters()
     spec = JobSpec.from_json(Path(arguments[0]).read_text(encoding="utf-8"))

@@ -22,7 +22,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from anomalib_contnet.benchmark.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES
 from anomalib_contnet.data import (
     ELPV_CATEGORIES,
     MANIFEST_NAME,
@@ -33,6 +32,7 @@ from anomalib_contnet.data import (
 )
 from anomalib_contnet.data.elpv import seeded_order
 from anomalib_contnet.data.layout import CategoryWriter
+from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES
 
 __all__ = [
     "IMAGE_SUFFIXES",

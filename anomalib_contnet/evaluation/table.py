@@ -8,12 +8,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from anomalib_contnet.benchmark.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, PAPER_AUROC_PERCENT, category_kind
+from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, PAPER_AUROC_PERCENT, category_kind
 
 if TYPE_CHECKING:  # only for annotations: this module must stay importable without the job machinery
-    from anomalib_contnet.benchmark.configs import JobWeights, ModelConfig
-    from anomalib_contnet.benchmark.subsets import CategorySubset
-    from anomalib_contnet.benchmark.worker import JobResult
+    from anomalib_contnet.evaluation.configs import JobWeights, ModelConfig
+    from anomalib_contnet.evaluation.subsets import CategorySubset
+    from anomalib_contnet.evaluation.worker import JobResult
 
 __all__ = ["CSV_COLUMNS", "MEAN_KIND", "NOT_RUN", "BenchmarkRow", "category_means", "rows_to_csv", "rows_to_markdown"]
 

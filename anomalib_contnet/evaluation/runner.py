@@ -6,7 +6,7 @@ keys differ, which they must here (``n_features`` for Padim, ``coreset_sampling_
 for Patchcore, a weights file for ConTNetPaDiM); its metrics are computed on the
 default post-processor's normalised, clamped scores; and it measures no memory.
 This runner drives anomalib's ``Engine`` directly, in one subprocess per job (see
-:mod:`anomalib_contnet.benchmark.worker`), on one materialised data subset shared
+:mod:`anomalib_contnet.evaluation.worker`), on one materialised data subset shared
 by all jobs.
 """
 
@@ -27,20 +27,20 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from anomalib_contnet.benchmark.ablation import PAPER_VARIANT, Variant, ablation_variants, backbone_layers
-from anomalib_contnet.benchmark.configs import (
+from anomalib_contnet.evaluation.ablation import PAPER_VARIANT, Variant, ablation_variants, backbone_layers
+from anomalib_contnet.evaluation.configs import (
     DEFAULT_CONFIG_NAMES,
     MODEL_CONFIGS,
     JobWeights,
     ModelConfig,
     resolve_job_weights,
 )
-from anomalib_contnet.benchmark.files import write_text_atomically
-from anomalib_contnet.benchmark.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, expand_categories
-from anomalib_contnet.benchmark.plot import plot_auroc_against_cost
-from anomalib_contnet.benchmark.subsets import CategorySubset, ensure_category, materialise_subset, whole_category
-from anomalib_contnet.benchmark.table import NOT_RUN, BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
-from anomalib_contnet.benchmark.worker import JobResult, JobSpec
+from anomalib_contnet.evaluation.files import write_text_atomically
+from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, expand_categories
+from anomalib_contnet.evaluation.plot import plot_auroc_against_cost
+from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, materialise_subset, whole_category
+from anomalib_contnet.evaluation.table import NOT_RUN, BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
+from anomalib_contnet.evaluation.worker import JobResult, JobSpec
 from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
 
 __all__ = [
@@ -398,7 +398,7 @@ def _run_job_process(job: PlannedJob, environment: dict[str, str], timeout_s: fl
     spec_path, result_path, log_path = work_dir / SPEC_FILE, work_dir / RESULT_FILE, work_dir / LOG_FILE
     write_text_atomically(spec_path, json.dumps(asdict(job.spec), indent=1) + "\n")
     write_text_atomically(work_dir / KEY_FILE, job.key + "\n")
-    command = [sys.executable, "-m", "anomalib_contnet.benchmark.worker", str(spec_path), str(result_path)]
+    command = [sys.executable, "-m", "anomalib_contnet.evaluation.worker", str(spec_path), str(result_path)]
     started = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
@@ -475,7 +475,7 @@ def _run_metadata(
             "Ablation: each ConTNetPaDiM row other than `paper` changes one choice of the paper's setting "
             f"(layers layer3+layer4, input {image_size} px resized without crop, epsilon {PAPER_VARIANT.epsilon:g}, "
             f"pixel AUROC at {image_size} px); layer names of other backbones: "
-            "`anomalib_contnet.benchmark.ablation.STAGE_EQUIVALENTS`."
+            "`anomalib_contnet.evaluation.ablation.STAGE_EQUIVALENTS`."
         )
     for subset in subsets:
         lines.append(

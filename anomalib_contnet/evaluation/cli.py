@@ -11,11 +11,11 @@ import shlex
 import sys
 
 from anomalib_contnet.backbones.weight_files import WeightsError
-from anomalib_contnet.benchmark.configs import MODEL_CONFIGS
-from anomalib_contnet.benchmark.paper import MVTEC_AD
-from anomalib_contnet.benchmark.runner import DEFAULT_CORESET_RATIO, DEFAULT_SEED, BenchmarkError, run_benchmark
-from anomalib_contnet.benchmark.subsets import offline_categories
 from anomalib_contnet.data import DatasetPrepareError
+from anomalib_contnet.evaluation.configs import MODEL_CONFIGS
+from anomalib_contnet.evaluation.paper import MVTEC_AD
+from anomalib_contnet.evaluation.runner import DEFAULT_CORESET_RATIO, DEFAULT_SEED, BenchmarkError, run_benchmark
+from anomalib_contnet.evaluation.subsets import offline_categories
 
 __all__ = ["register"]
 
