@@ -15,7 +15,7 @@ factor ``F`` of the precision matrix (``inv(Σ) = F Fᵀ``, from a Cholesky
 decomposition per position). The squared Mahalanobis distance is then
 ``‖(x - μ) F‖²``: a sum of squares, never negative.
 
-``F`` is stored packed (see :func:`pack_factor`): column block ``j`` of ``F`` has
+``F`` is stored packed (see :func:`unpack_factor`): column block ``j`` of ``F`` has
 non-zeros only in the rows above its last column, so only those rows are kept,
 one slab per block. That keeps 54 % of the full matrices at 1536 dimensions, in
 storage and in the bytes read per prediction (the Mahalanobis step reads the whole
@@ -42,7 +42,6 @@ __all__ = [
     "FACTOR_DTYPES",
     "SAMPLES_PER_UPDATE",
     "StreamingGaussian",
-    "pack_factor",
     "packed_factor_size",
     "unpack_factor",
 ]
@@ -91,14 +90,6 @@ def _slabs(packed: torch.Tensor, positions: int, dims: int) -> list[tuple[int, t
         slabs.append((end, packed[offset : offset + size].view(positions, end, end - first)))
         offset += size
     return slabs
-
-
-def pack_factor(factor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Pack upper-triangular matrices (P, D, D) into the 1-D slab layout; entries below the diagonal are dropped."""
-    upper = factor.triu()
-    return torch.cat([upper[:, :end, first:end].reshape(-1) for first, end in _column_blocks(factor.shape[-1])]).to(
-        dtype or factor.dtype
-    )
 
 
 def unpack_factor(packed: torch.Tensor, positions: int, dims: int) -> torch.Tensor:
@@ -346,17 +337,14 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
 
     # ------------------------------------------------------------ saved state
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Accept the full (P, D, D) factor of checkpoints written before the packed layout, and check sizes.
+        """Refuse a saved factor whose size does not fit the saved mean.
 
-        A factor whose size does not match the mean would otherwise load and then
-        fail, or mislead, at prediction time.
+        Such a factor would otherwise load and then fail, or mislead, at prediction time.
         """
         factor, mean = state_dict.get(prefix + "precision_factor"), state_dict.get(prefix + "mean")
         if factor is not None and mean is not None and mean.dim() == 2:
             positions, dims = mean.shape
-            if factor.shape == (positions, dims, dims):
-                state_dict[prefix + "precision_factor"] = pack_factor(factor)
-            elif factor.shape != (packed_factor_size(positions, dims),):
+            if factor.shape != (packed_factor_size(positions, dims),):
                 msg = (
                     f"saved precision factor has shape {tuple(factor.shape)}, which does not fit a mean of shape "
                     f"{tuple(mean.shape)}; the checkpoint is damaged or from an incompatible version: refit the model"
