@@ -6,9 +6,8 @@ alias) with anomalib; an installed copy does so automatically whenever
 """
 
 from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
-from anomalib_contnet.data.mvtec_alias import MVTec
 from anomalib_contnet.models import ConTNetPaDiM, ConTNetPaDiMModel, NonFiniteError, NotFittedError
-from anomalib_contnet.registration import register
+from anomalib_contnet.registration import MVTec, register
 
 __version__ = "0.1.0"
 __all__ = ["ConTNetPaDiM", "ConTNetPaDiMModel", "MVTec", "NonFiniteError", "NotFittedError", "__version__"]

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["COMMAND_GROUPS", "CommandGroup", "build_parser", "main", "needs_model"]
+__all__ = ["main", "needs_model"]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-__all__ = ["KNOWN_WARNINGS", "LIGHTNING_TIPS", "RANK_ZERO_LOGGERS", "KnownWarning", "install_warning_filters"]
+__all__ = ["KNOWN_WARNINGS", "LIGHTNING_TIPS", "RANK_ZERO_LOGGERS", "install_warning_filters"]
 
 
 @dataclass(frozen=True)

@@ -519,7 +519,7 @@ def test_truncated_checkpoint(small_runs: SmallRuns, tmp_path: Path) -> None:
     whole = small_runs.first.checkpoint.read_bytes()
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(whole[: len(whole) // 3])
-    with pytest.raises(ValueError, match=r"truncated\.ckpt is not a readable checkpoint .*probably truncated"):
+    with pytest.raises(ValueError, match=r"truncated\.ckpt is not a readable PyTorch checkpoint .*probably truncated"):
         ConTNetPaDiM.load_from_checkpoint(truncated)
     # Through engine ckpt_path, Lightning reads the file itself: torch's own message, without the file name.
     with pytest.raises(RuntimeError, match=r"PytorchStreamReader failed.*checkpoint file is corrupted"):
@@ -531,11 +531,11 @@ def test_truncated_checkpoint(small_runs: SmallRuns, tmp_path: Path) -> None:
 def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(ValueError, match=r"notes\.ckpt is not a readable checkpoint"):
+    with pytest.raises(ValueError, match=r"notes\.ckpt is not a readable PyTorch checkpoint"):
         ConTNetPaDiM.load_from_checkpoint(text)
     listing = tmp_path / "list.ckpt"
     torch.save([1, 2, 3], listing)
-    with pytest.raises(ValueError, match=r"list\.ckpt holds a list, not a Lightning checkpoint"):
+    with pytest.raises(ValueError, match=r"list\.ckpt holds a list, not a checkpoint"):
         ConTNetPaDiM.load_from_checkpoint(listing)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "made": datetime.date(2020, 1, 1)}, foreign)  # a global safe loading refuses

@@ -30,7 +30,6 @@ import http.client
 import os
 import pickletools
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from anomalib_contnet.fileio import file_sha256
+from anomalib_contnet import atomic_files
+from anomalib_contnet.atomic_files import file_sha256
 
 try:  # POSIX only; elsewhere unique temp names plus atomic rename still keep files intact.
     import fcntl
@@ -50,7 +50,6 @@ except ImportError:  # pragma: no cover - exercised on Windows only
 __all__ = [
     "CACHE_ENV",
     "CHUNK_BYTES",
-    "OFFLINE_ENVS",
     "PUBLISHED_WEIGHTS",
     "WEIGHTS_ENV",
     "PublishedWeights",
@@ -60,7 +59,6 @@ __all__ = [
     "download",
     "folder_lock",
     "missing_weights_help",
-    "offline_reason",
     "prepare_folder",
     "published_weights",
     "resolve_weights",
@@ -316,21 +314,16 @@ def prepare_folder(folder: Path) -> None:
 
 @contextlib.contextmanager
 def temporary_sibling(destination: Path) -> Iterator[tuple[Path, BinaryIO]]:
-    """Open a uniquely named temporary file next to ``destination``; it is removed unless renamed away."""
+    """:func:`anomalib_contnet.atomic_files.temporary_sibling`, with the fix when the cache folder is not writable."""
     try:
-        descriptor, name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
-    except OSError as error:
+        with atomic_files.temporary_sibling(destination) as opened:
+            yield opened
+    except atomic_files.FolderNotWritableError as error:
         msg = (
             f"cannot write into the cache folder {destination.parent} ({error.strerror or error}); "
             f"set {CACHE_ENV} to a writable folder or {WEIGHTS_ENV} to an existing checkpoint"
         )
         raise WeightsError(msg) from error
-    temporary = Path(name)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            yield temporary, stream
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class _ProgressReport:

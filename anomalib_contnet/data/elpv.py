@@ -20,8 +20,6 @@ from pathlib import Path
 
 __all__ = [
     "ELPV_CATEGORIES",
-    "ElpvCell",
-    "ElpvSplit",
     "elpv_data_dir",
     "plan_elpv_split",
     "read_elpv_labels",
@@ -64,7 +62,7 @@ def elpv_data_dir() -> Path:
     except ImportError as error:
         msg = (
             "the package 'elpv-dataset' is not installed; install it with 'pip install elpv-dataset' "
-            "(or 'pip install anomalib-contnet[data]')"
+            "(or 'pip install anomalib-contnet[tools]')"
         )
         raise FileNotFoundError(msg) from error
     data_dir = Path(elpv_dataset.__file__).parent / "data"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -21,11 +20,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from anomalib_contnet.fileio import file_sha256
+from anomalib_contnet.atomic_files import file_sha256, replace_folder
 
 __all__ = [
-    "FORMAT_VERSION",
-    "GENERATOR",
     "MANIFEST_NAME",
     "CategoryWriter",
     "DatasetPrepareError",
@@ -168,13 +165,7 @@ class CategoryWriter:
         if existing_manifest.is_file() and existing_manifest.read_bytes() == manifest_bytes and self._complete():
             shutil.rmtree(self._staging)
             return PreparedCategory(self.root, self.category, counts, unchanged=True)
-        if self.target.exists():
-            retired = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{self.category}.replaced-"))
-            os.rename(self.target, retired / self.category)
-            os.rename(self._staging, self.target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(self._staging, self.target)
+        replace_folder(self._staging, self.target)
         return PreparedCategory(self.root, self.category, counts, unchanged=False)
 
     def _complete(self) -> bool:

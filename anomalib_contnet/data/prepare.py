@@ -52,7 +52,6 @@ from anomalib_contnet.data.textures import (
 __all__ = [
     "DEFECT_TYPES",
     "ELPV_CATEGORIES",
-    "ELPV_DEFECT_FOLDER",
     "TEXTURE_CATEGORIES",
     "DatasetPrepareError",
     "PreparedCategory",

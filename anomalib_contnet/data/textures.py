@@ -27,13 +27,10 @@ from skimage import data as skimage_data
 __all__ = [
     "DEFECT_TYPES",
     "TEXTURE_CATEGORIES",
-    "TRAIN_BAND_FRACTION",
     "draw_defect",
-    "image_rng",
     "load_texture",
     "render_defective",
     "render_normal",
-    "sample_crop",
     "texture_bands",
 ]
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from anomalib_contnet.atomic_files import staged_folder, write_text_atomically
 from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, cached_weights_path, published_weights
 from anomalib_contnet.data.elpv import seeded_order
 from anomalib_contnet.demo.figures import SamplePrediction, render_prediction_grid, render_roc_curves
@@ -44,7 +45,6 @@ from anomalib_contnet.evaluation.configs import (
     ModelConfig,
     find_contnet_weights,
 )
-from anomalib_contnet.evaluation.files import staged_directory, write_text_atomically
 from anomalib_contnet.evaluation.metrics import RawScores, RocCurve, localisation_aupro, roc_curve
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, materialise_subset
 
@@ -54,7 +54,6 @@ __all__ = [
     "DemoError",
     "DemoOptions",
     "DemoResult",
-    "choose_backbone",
     "run_demo",
 ]
 
@@ -206,7 +205,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> DemoRe
     log(f"[demo] backbone: {choice.config.backbone} ({choice.weights_label}); {choice.reason}")
     clock = StepClock(total=7, log=log)
     out = Path(options.out).expanduser()
-    with staged_directory(out) as staging:
+    with staged_folder(out) as staging:
         with clock.step("preparing data"):
             source = ensure_category(options.data_root, options.category)
             subset = materialise_subset(

@@ -17,7 +17,8 @@ import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
 
-from anomalib_contnet.deploy.staging import MANIFEST_FORMAT, MANIFEST_NAME, STAGING_PREFIX, file_sha256
+from anomalib_contnet.atomic_files import file_sha256
+from anomalib_contnet.models.staged_export import MANIFEST_FORMAT, MANIFEST_NAME, STAGING_PREFIX
 
 __all__ = ["ExportCheckError", "check_export"]
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from anomalib.deploy import CompressionType, ExportType
 
-from anomalib_contnet.deploy.staging import ONNX_OPSET, AtomicExportMixin, export_folder, staged_export
+from anomalib_contnet.models.staged_export import ONNX_OPSET, AtomicExportMixin, export_folder, staged_export
 
 if TYPE_CHECKING:
     from anomalib.data import AnomalibDataModule

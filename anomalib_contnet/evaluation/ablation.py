@@ -21,7 +21,6 @@ from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
 from anomalib_contnet.models.contnet_padim.lightning_model import ConTNetPaDiM
 
 __all__ = [
-    "PAPER_EPSILON",
     "PAPER_VARIANT",
     "STAGE_EQUIVALENTS",
     "Variant",

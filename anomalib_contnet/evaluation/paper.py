@@ -14,7 +14,6 @@ __all__ = [
     "MVTEC_AD_OBJECTS",
     "MVTEC_AD_TEXTURES",
     "PAPER_AUROC_PERCENT",
-    "CategoryKind",
     "category_kind",
     "expand_categories",
 ]

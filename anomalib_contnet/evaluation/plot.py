@@ -12,7 +12,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from anomalib_contnet.evaluation.files import write_bytes_atomically
+from anomalib_contnet.atomic_files import write_bytes_atomically
 from anomalib_contnet.evaluation.table import MEAN_KIND, BenchmarkRow
 
 __all__ = ["plot_auroc_against_cost"]

@@ -35,7 +35,6 @@ from anomalib_contnet.data.layout import CategoryWriter
 from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "CategorySubset",
     "ensure_category",
     "materialise_subset",

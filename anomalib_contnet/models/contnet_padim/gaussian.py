@@ -28,6 +28,8 @@ stored bytes again; the factor is widened to float32 before use (see
 
 from __future__ import annotations
 
+import sys
+import warnings
 import weakref
 from typing import Any
 
@@ -35,12 +37,8 @@ import torch
 from anomalib.models.components import DynamicBufferMixin
 from torch import distributed, nn
 
-from anomalib_contnet.models.contnet_padim.safeguards import warn_each_time
-
 __all__ = [
     "FACTOR_BLOCK_WIDTH",
-    "FACTOR_DTYPES",
-    "SAMPLES_PER_UPDATE",
     "StreamingGaussian",
     "packed_factor_size",
     "unpack_factor",
@@ -98,6 +96,29 @@ def unpack_factor(packed: torch.Tensor, positions: int, dims: int) -> torch.Tens
     for (first, end), (_, slab) in zip(_column_blocks(dims), _slabs(packed, positions, dims), strict=True):
         factor[:, :end, first:end] = slab
     return factor.triu()
+
+
+def _warn_each_time(message: str, stacklevel: int = 2) -> None:
+    """Issue a UserWarning every time it is called, on the first distributed process only.
+
+    ``warnings.warn`` shows a message once per code location and process under
+    Python's default filters, so a second fit in the same process (a benchmark
+    over categories, a notebook) would stay silent about its own problem. Passing
+    no registry to ``warn_explicit`` keeps that deduplication out, while user
+    filters (``-W error``, ``filterwarnings``) still apply.
+    """
+    if distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0:
+        return
+    frame = sys._getframe(stacklevel)  # the caller's location, as warnings.warn would report it
+    warnings.warn_explicit(
+        message,
+        UserWarning,
+        filename=frame.f_code.co_filename,
+        lineno=frame.f_lineno,
+        module=frame.f_globals.get("__name__", "<unknown>"),
+        registry=None,
+        module_globals=frame.f_globals,
+    )
 
 
 class StreamingGaussian(DynamicBufferMixin, nn.Module):
@@ -264,7 +285,7 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         mean, scatter = statistics
         dims = mean.shape[-1]
         if self.count - 1 < dims:
-            warn_each_time(  # once per fit: Python's per-location deduplication would hide it in later fits
+            _warn_each_time(  # once per fit: Python's per-location deduplication would hide it in later fits
                 f"{self.count} training images for {dims} feature dimensions: the sample covariance is singular "
                 f"and only the regulariser epsilon={self.epsilon} makes it invertible, so epsilon strongly "
                 "influences the scores. More training images, or n_features < number of images, reduce this.",

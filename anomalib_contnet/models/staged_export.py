@@ -20,7 +20,6 @@ new folder per export rather than re-exporting under a running service.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from typing import Any
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.models.components.base.export_mixin import ExportMixin
 
-from anomalib_contnet.fileio import file_sha256
+from anomalib_contnet.atomic_files import file_sha256, replace_folder
 
 __all__ = [
     "INT8_PTQ_REFUSAL",
@@ -41,9 +40,7 @@ __all__ = [
     "STAGING_PREFIX",
     "AtomicExportMixin",
     "export_folder",
-    "file_sha256",
     "staged_export",
-    "write_manifest",
 ]
 
 MANIFEST_NAME = "export_manifest.json"
@@ -113,22 +110,9 @@ def staged_export(export_root: Path | str, export_type: ExportType | str) -> Ite
             msg = f"the {export_type.value} exporter finished without writing any file into {produced}"
             raise RuntimeError(msg)
         write_manifest(produced, export_type)
-        _swap_in(produced, target, retired=staging / "replaced")
+        replace_folder(produced, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _swap_in(produced: Path, target: Path, retired: Path) -> None:
-    """Rename ``produced`` to ``target``; an existing ``target`` is first renamed to ``retired`` (deleted later)."""
-    had_older = target.exists()
-    if had_older:
-        os.replace(target, retired)
-    try:
-        os.replace(produced, target)
-    except OSError:
-        if had_older:
-            os.replace(retired, target)
-        raise
 
 
 class AtomicExportMixin(ExportMixin):

@@ -1,0 +1,138 @@
+"""Writing files and folders so that a reader sees the old version or the new one, never half of one.
+
+Every file this package writes for a user (cached weights, converted weights,
+datasets, exports, benchmark results) goes through here: a file is written to a
+uniquely named temporary file beside its target and renamed over it; a folder is
+filled under a temporary name beside its target and swapped in, the older folder
+being renamed out of the way first and deleted only once the new one is in place.
+Temporary names sit in the target's own folder, so every rename stays on one file
+system and is atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "FolderNotWritableError",
+    "file_sha256",
+    "link_atomically",
+    "replace_folder",
+    "staged_folder",
+    "temporary_sibling",
+    "write_bytes_atomically",
+    "write_text_atomically",
+]
+
+HASH_CHUNK_BYTES = 1 << 20
+
+READABLE_FILE_MODE = 0o644
+"""Mode of published files: ``mkstemp`` creates 0600, but weights, datasets and results are meant to be shared."""
+READABLE_FOLDER_MODE = 0o755
+"""Mode of published folders (``mkdtemp`` creates 0700)."""
+
+
+class FolderNotWritableError(OSError):
+    """The folder of a target cannot hold the temporary file (read-only, no permission, full); nothing was written."""
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex SHA-256 of a file, read in chunks so that multi-gigabyte weight files need little memory."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def temporary_sibling(target: Path) -> Iterator[tuple[Path, BinaryIO]]:
+    """Open a uniquely named temporary file beside ``target``; it is deleted unless the caller renamed it away.
+
+    Raises:
+        FolderNotWritableError: when the temporary file cannot be created, so callers can add their own advice
+            without mistaking other errors of the block for it.
+    """
+    try:
+        descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    except OSError as error:
+        raise FolderNotWritableError(error.errno, error.strerror, str(target.parent)) from error
+    temporary = Path(name)
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            yield temporary, stream
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_bytes_atomically(target: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``target`` through a temporary sibling and one rename (the folder is created)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with temporary_sibling(target) as (temporary, stream):
+        stream.write(payload)
+        stream.close()
+        os.chmod(temporary, READABLE_FILE_MODE)
+        os.replace(temporary, target)
+
+
+def write_text_atomically(target: Path, text: str) -> None:
+    """UTF-8 text variant of :func:`write_bytes_atomically`."""
+    write_bytes_atomically(target, text.encode("utf-8"))
+
+
+def link_atomically(link: Path, destination: Path) -> None:
+    """Point the symbolic link ``link`` at ``destination``, replacing an older link in one rename."""
+    if link.is_symlink() and Path(os.readlink(link)) == destination:
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    temporary = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(destination)
+    os.replace(temporary, link)
+
+
+def replace_folder(produced: Path, target: Path) -> None:
+    """Rename the finished folder ``produced`` to ``target``, which may exist: the older folder is swapped out whole.
+
+    The older ``target`` is renamed into a temporary folder beside it first and
+    deleted only after ``produced`` is in place; if that second rename fails, the
+    older folder is put back. Between the two renames ``target`` is briefly
+    absent, never a mix of old and new files.
+    """
+    if not target.exists():
+        os.rename(produced, target)
+        return
+    retired_root = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.replaced-"))
+    retired = retired_root / target.name
+    os.rename(target, retired)
+    try:
+        os.rename(produced, target)
+    except OSError:
+        os.rename(retired, target)
+        raise
+    finally:
+        shutil.rmtree(retired_root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``target``; on success it replaces ``target`` whole, on failure it vanishes."""
+    target = target.expanduser()
+    if target.exists() and not target.is_dir():
+        msg = f"{target} exists and is not a folder; choose another output path"
+        raise FileExistsError(msg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    os.chmod(staging, READABLE_FOLDER_MODE)
+    try:
+        yield staging
+        replace_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
