@@ -69,7 +69,7 @@ def main() -> None:
     model = fitted_model(args.backbone, args.factor_dtype)
     side = 224
     flops = model_flops(model, side)
-    backbone_flops = contnet_flops_per_image(model.feature_extractor.backbone, side, model.feature_extractor.layers)
+    backbone_flops = contnet_flops_per_image(model.feature_extractor.backbone, side)
     images = torch.randn(args.batch, 3, side, side, generator=torch.Generator().manual_seed(1))
 
     onnx_path = export_onnx(model, args.work / "model.onnx", images[:2])

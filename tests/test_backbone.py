@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from contnet_stages import stage_maps
 
 from anomalib_contnet.backbones.contnet import (
     STAGE_NAMES,
@@ -158,8 +159,7 @@ def test_variant_list_is_the_four_published_models() -> None:
 
 
 def stage_shapes(model: ConTNet, side: int) -> dict[str, tuple[int, ...]]:
-    with torch.no_grad():
-        outputs = model.forward_stages(torch.randn(1, 3, side, side))
+    outputs = stage_maps(model, torch.randn(1, 3, side, side))
     return {name: tuple(value.shape[1:]) for name, value in outputs.items()}
 
 
@@ -179,26 +179,6 @@ def test_every_variant_stage_shapes_at_224(variant: str) -> None:
         for index, (name, stride) in enumerate(zip(STAGE_NAMES, (4, 8, 16, 32, 32), strict=True))
     }
     assert stage_shapes(model, 224) == expected
-
-
-def test_forward_stages_stops_after_the_deepest_requested_stage() -> None:
-    model = create_contnet("contnet_ti").eval()
-    calls: list[str] = []
-    model.layer4.register_forward_hook(lambda *_: calls.append("layer4"))
-    image = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        outputs = model.forward_stages(image, ["layer2", "layer3"])
-        assert sorted(outputs) == ["layer2", "layer3"]
-        assert calls == []
-        full = model.forward_stages(image, ["layer3", "layer4"])
-    assert calls == ["layer4"]
-    torch.testing.assert_close(full["layer3"], outputs["layer3"], rtol=0, atol=0)
-
-
-def test_forward_stages_rejects_unknown_stage() -> None:
-    model = create_contnet("contnet_ti")
-    with pytest.raises(ValueError, match="layer5"):
-        model.forward_stages(torch.zeros(1, 3, 224, 224), ["layer5"])
 
 
 @pytest.mark.parametrize(("height", "width"), [(31, 64), (64, 31), (16, 16)])
@@ -235,9 +215,8 @@ def tiny_ti() -> ConTNet:
 @pytest.mark.parametrize("size", [(256, 256), (300, 257), (1024, 1024), (32, 32)])
 def test_any_size_gives_the_expected_stage_shapes_deterministically(tiny_ti: ConTNet, size: tuple[int, int]) -> None:
     image = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        first, second = tiny_ti.forward_stages(image), tiny_ti.forward_stages(image)
-        alone = tiny_ti.forward_stages(image[1:])
+    first, second = stage_maps(tiny_ti, image), stage_maps(tiny_ti, image)
+    alone = stage_maps(tiny_ti, image[1:])
     assert {name: tuple(value.shape[1:]) for name, value in first.items()} == expected_stage_shapes(8, size)
     for name, value in first.items():
         assert torch.isfinite(value).all(), name
@@ -274,11 +253,10 @@ def test_real_tokens_do_not_see_what_the_padding_holds(
 ) -> None:
     """Every stage is bit-identical whether the padding tokens are zeros or large noise: they are masked as keys."""
     image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        zero_padded = tiny_ti.forward_stages(image)
-        spy = PadSpy(noise=True)
-        monkeypatch.setattr(F, "pad", spy)
-        noise_padded = tiny_ti.forward_stages(image)
+    zero_padded = stage_maps(tiny_ti, image)
+    spy = PadSpy(noise=True)
+    monkeypatch.setattr(F, "pad", spy)
+    noise_padded = stage_maps(tiny_ti, image)
     assert spy.calls > 0
     for name, value in zero_padded.items():
         assert torch.equal(noise_padded[name], value), name
@@ -289,8 +267,7 @@ def test_multiples_of_224_never_pad(tiny_ti: ConTNet, side: int, monkeypatch: py
     """The published sizes take the unmasked path: no padding and no mask anywhere (the golden test checks values)."""
     spy = PadSpy(noise=False)
     monkeypatch.setattr(F, "pad", spy)
-    with torch.no_grad():
-        tiny_ti.forward_stages(torch.randn(1, 3, side, side))
+    stage_maps(tiny_ti, torch.randn(1, 3, side, side))
     assert spy.calls == 0
 
 
@@ -299,8 +276,8 @@ def test_golden_outputs_of_the_authors_code() -> None:
     model = ConTNet(ConTNetConfig(**golden["config"]))
     model.load_state_dict(golden["state_dict"], strict=True)
     model.eval()
+    outputs = stage_maps(model, golden["input"])
     with torch.no_grad():
-        outputs = model.forward_stages(golden["input"])
         outputs["logits"] = model(golden["input"])
     assert sorted(outputs) == sorted(golden["outputs"])
     for name, expected in golden["outputs"].items():

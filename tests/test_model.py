@@ -7,9 +7,12 @@ import torch
 from anomalib.models import Padim, get_model, list_models
 from anomalib.models.components import MultiVariateGaussian
 from anomalib.models.image.padim.anomaly_map import AnomalyMapGenerator as PadimAnomalyMapGenerator
+from contnet_stages import stage_maps
 
 from anomalib_contnet import ConTNetPaDiM, ConTNetPaDiMModel, NotFittedError
+from anomalib_contnet.backbones.contnet import create_contnet
 from anomalib_contnet.backbones.weight_files import WeightsError
+from anomalib_contnet.models.contnet_padim.feature_extractor import UNTRAINED_INIT_SEED
 
 
 def small_model(**overrides: object) -> ConTNetPaDiMModel:
@@ -39,6 +42,34 @@ def test_coarser_stage_is_repeated_onto_the_finer_grid() -> None:
     coarse = embedding[:, 192:]
     torch.testing.assert_close(coarse[..., ::2, ::2], features["layer3"])
     torch.testing.assert_close(coarse[..., 1::2, 1::2], features["layer3"])
+
+
+@pytest.mark.parametrize("layers", [("layer3", "layer4"), ("layer1", "layer2"), ("layer0",)])
+def test_extractor_features_are_the_contnet_stage_outputs(layers: tuple[str, ...]) -> None:
+    """Timm's features_only network gives the ConTNet's own stage maps, bit for bit, and holds nothing deeper.
+
+    The untrained weights are those of a ConTNet built from the same seed, so
+    the seeded features of every layer choice are the ones of the full network.
+    """
+    extractor = small_model(layers=layers).feature_extractor
+    torch.manual_seed(UNTRAINED_INIT_SEED)
+    reference = create_contnet("contnet_ti", num_classes=0).eval()
+    deepest = max(int(layer[-1]) for layer in layers)
+    assert list(extractor.backbone.keys()) == [f"layer{index}" for index in range(deepest + 1)]
+    image = images(2, 5)
+    expected = stage_maps(reference, image)
+    with torch.no_grad():
+        features, stages = extractor(image), extractor.stage_outputs(image)
+    assert list(features) == list(layers)
+    assert list(stages) == [f"layer{index}" for index in range(deepest + 1)]
+    for name, value in (features | stages).items():
+        assert torch.equal(value, expected[name]), name
+    assert extractor.out_channels == {layer: expected[layer].shape[1] for layer in layers}
+
+
+def test_unknown_layer_is_refused_with_the_available_ones() -> None:
+    with pytest.raises(ValueError, match=r"no feature layer\(s\) \['layer5'\]; its feature layers are \['layer0'"):
+        small_model(layers=("layer3", "layer5"))
 
 
 def test_random_feature_subset_is_seeded_and_saved() -> None:

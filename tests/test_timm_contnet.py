@@ -19,6 +19,7 @@ import pytest
 import timm
 import torch
 from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+from contnet_stages import stage_maps
 from stock_cli import reported_metric, run_anomalib
 
 from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
@@ -51,8 +52,7 @@ def avg_down_ti(tmp_path_factory: pytest.TempPathFactory) -> tuple[ConTNet, Path
 
 
 def stage_outputs(model: ConTNet, names: list[str]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        outputs = model.forward_stages(IMAGE, names)
+    outputs = stage_maps(model, IMAGE)
     return [outputs[name] for name in names]
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from contnet_stages import stage_maps
 
 from anomalib_contnet.backbones.contnet import ConTNet, create_contnet
 from anomalib_contnet.backbones.contnet_configs import ConTNetConfig
@@ -54,8 +55,7 @@ def tiny_model(**changes: object) -> ConTNet:
 
 
 def outputs(model: ConTNet) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        return model.forward_stages(IMAGE)
+    return stage_maps(model, IMAGE)
 
 
 def assert_same_state(model: ConTNet, reference: dict[str, torch.Tensor]) -> None:
@@ -431,7 +431,7 @@ def test_checkpoint_forms_round_trip(form: str, tmp_path: Path) -> None:
     source = tiny_model()
     path = tmp_path / "checkpoint.pth"
     torch.save(CHECKPOINT_FORMS[form](source.state_dict()), path)
-    target = create_contnet("contnet_ti", weights=str(path), **TINY).eval()
+    target = pretrained_contnet("contnet_ti", path, **TINY).eval()
     assert_same_state(target, source.state_dict())
     expected, actual = outputs(source), outputs(target)
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
@@ -451,8 +451,8 @@ def test_respelled_shortcut_builds_the_network_the_keys_name(avg_down_source: bo
     path = tmp_path / "respelled.pth"
     torch.save(rename_keys(source.state_dict(), mapping), path)
     with pytest.raises(WeightsError, match=rf"avg_down={avg_down_source} asks for"):
-        create_contnet("contnet_ti", weights=str(path), avg_down=avg_down_source, **TINY)
-    target = create_contnet("contnet_ti", weights=str(path), **TINY).eval()
+        pretrained_contnet("contnet_ti", path, avg_down=avg_down_source, **TINY)
+    target = pretrained_contnet("contnet_ti", path, **TINY).eval()
     assert target.config.avg_down is not avg_down_source
     assert not torch.allclose(outputs(target)["layer1"], outputs(source)["layer1"])
 
@@ -463,7 +463,7 @@ def test_checkpoint_into_headless_model(with_fc: bool, tmp_path: Path) -> None:
     state = {key: value for key, value in source.state_dict().items() if with_fc or not key.startswith("fc.")}
     path = tmp_path / "weights.pth"
     torch.save({"model": state}, path)
-    target = create_contnet("contnet_ti", weights=str(path), **(TINY | {"num_classes": 0})).eval()
+    target = pretrained_contnet("contnet_ti", path, **(TINY | {"num_classes": 0})).eval()
     assert "fc.weight" not in target.state_dict()
     assert torch.equal(outputs(target)["layer4"], outputs(source)["layer4"])
 
@@ -472,7 +472,7 @@ def test_golden_state_dict_in_the_authors_training_form(tmp_path: Path) -> None:
     golden = torch.load(GOLDEN, weights_only=True)
     path = tmp_path / "checkpoint_bestTop1.pth"
     torch.save(CHECKPOINT_FORMS["authors_ddp_training"](golden["state_dict"]), path)
-    model = create_contnet("contnet_m", weights=str(path), **golden["config"]).eval()
+    model = pretrained_contnet("contnet_m", path, **golden["config"]).eval()
     assert model.config == ConTNetConfig(**golden["config"])
     with torch.no_grad():
         logits = model(golden["input"])
@@ -480,9 +480,9 @@ def test_golden_state_dict_in_the_authors_training_form(tmp_path: Path) -> None:
     assert float((logits - expected).abs().max() / expected.abs().max()) < 1e-5
 
 
-def test_create_contnet_with_weights_and_sha256(ti_checkpoint: Path) -> None:
+def test_pretrained_contnet_with_weights_and_sha256(ti_checkpoint: Path) -> None:
     digest = hashlib.sha256(ti_checkpoint.read_bytes()).hexdigest()
-    model = create_contnet("contnet_ti", weights=str(ti_checkpoint))
+    model = pretrained_contnet("contnet_ti", str(ti_checkpoint))
     assert_same_state(model, torch.load(ti_checkpoint, weights_only=True))
     pinned = pretrained_contnet("contnet_ti", ti_checkpoint, sha256=digest.upper())
     assert_same_state(pinned, model.state_dict())
@@ -491,7 +491,7 @@ def test_create_contnet_with_weights_and_sha256(ti_checkpoint: Path) -> None:
 
 
 def damaged(kind: str, folder: Path) -> tuple[Path, dict[str, object], str]:
-    """Write one kind of bad checkpoint; returns the file, the create_contnet overrides of the model, and the error."""
+    """Write one kind of bad checkpoint; returns the file, the pretrained_contnet overrides, and the error."""
     path = folder / f"{kind}.pth"
     state = tiny_model().state_dict()
     if kind == "truncated":
@@ -547,7 +547,7 @@ DAMAGE_KINDS = [
 def test_bad_checkpoints_are_rejected_before_loading(kind: str, tmp_path: Path) -> None:
     path, overrides, detail = damaged(kind, tmp_path)
     with pytest.raises(WeightsError, match=detail) as raised:
-        create_contnet("contnet_ti", weights=str(path), **overrides)
+        pretrained_contnet("contnet_ti", path, **overrides)
     assert str(path) in str(raised.value)
 
 
@@ -585,7 +585,7 @@ def test_cli_import_then_pretrained_loads_it(
     assert str(destination) in capsys.readouterr().out
     assert destination.read_bytes() == ti_checkpoint.read_bytes()
     assert files_in(isolated_environment) == ["contnet_ti.pth"]
-    model = create_contnet("contnet_ti", pretrained=True)
+    model = pretrained_contnet("contnet_ti")
     assert_same_state(model, torch.load(ti_checkpoint, weights_only=True))
 
 
@@ -748,13 +748,13 @@ def load_from_explicit_file(saved: SavedNetwork, **_: object) -> dict[str, objec
 
 def load_from_environment(saved: SavedNetwork, monkeypatch: pytest.MonkeyPatch, **_: object) -> dict[str, object]:
     monkeypatch.setenv("ANOMALIB_CONTNET_WEIGHTS", str(saved.path.parent))  # a folder holding contnet_ti.pth
-    return {"pretrained": True}
+    return {}
 
 
 def load_from_cache(saved: SavedNetwork, cache: Path, **_: object) -> dict[str, object]:
     cache.mkdir()
     shutil.copyfile(saved.path, cache / "contnet_ti.pth")
-    return {"pretrained": True}
+    return {}
 
 
 def load_from_default_download(
@@ -763,7 +763,7 @@ def load_from_default_download(
     monkeypatch.delenv("ANOMALIB_CONTNET_OFFLINE")
     url = server.add("/w_contnet/contnet_ti.pth", saved.path.read_bytes())
     monkeypatch.setitem(PUBLISHED_WEIGHTS, "contnet_ti", PublishedWeights("contnet_ti", "contnet_ti.pth", url))
-    return {"pretrained": True}
+    return {}
 
 
 def load_from_url(
@@ -778,7 +778,7 @@ def load_after_weights_import(
 ) -> dict[str, object]:
     assert main(["weights", "import", "contnet_ti", str(saved.path)]) == 0
     assert f"({LABEL[saved.avg_down]} shortcut: the file spells {SPELLING[saved.avg_down]})" in capsys.readouterr().out
-    return {"pretrained": True}
+    return {}
 
 
 def load_after_weights_download(
@@ -787,7 +787,7 @@ def load_after_weights_download(
     url = server.add("/mirror/contnet_ti.pth", saved.path.read_bytes())
     assert main(["weights", "download", "contnet_ti", "--url", url]) == 0
     assert f"({LABEL[saved.avg_down]} shortcut: the file spells {SPELLING[saved.avg_down]})" in capsys.readouterr().out
-    return {"pretrained": True}
+    return {}
 
 
 ENTRY_POINTS: dict[str, Callable[..., dict[str, object]]] = {
@@ -818,13 +818,13 @@ def test_every_entry_point_builds_the_network_the_checkpoint_was_saved_from(
         saved, monkeypatch=monkeypatch, cache=isolated_environment, server=file_server, capsys=capsys
     )
     caplog.set_level(logging.INFO, logger="anomalib_contnet.backbones.weights")
-    model = create_contnet("contnet_ti", **source).eval()
+    model = pretrained_contnet("contnet_ti", **source).eval()
     assert model.config.avg_down is avg_down
     assert_same_outputs(outputs(model), saved.outputs)
     assert f"built contnet_ti with the {LABEL[avg_down]} shortcut: " in caplog.text
     assert f" spells {SPELLING[avg_down]}\n" in caplog.text
     with pytest.raises(WeightsError, match=rf"avg_down={not avg_down} asks for the {LABEL[not avg_down]} shortcut"):
-        create_contnet("contnet_ti", avg_down=not avg_down, **source)
+        pretrained_contnet("contnet_ti", avg_down=not avg_down, **source)
     assert all(count <= 1 for count in file_server.requests.values())  # the download happened once, then the cache
 
 
@@ -834,7 +834,7 @@ def test_a_model_of_the_other_network_refuses_the_checkpoint(
 ) -> None:
     """validated_state_dict (the check every loader runs) names the file's network and the fix."""
     saved = ti_networks[avg_down]
-    agreeing = create_contnet("contnet_ti", weights=str(saved.path), avg_down=avg_down)
+    agreeing = pretrained_contnet("contnet_ti", saved.path, avg_down=avg_down)
     assert agreeing.config.avg_down is avg_down
     other = create_contnet("contnet_ti", avg_down=not avg_down)
     with pytest.raises(WeightsError, match=rf"holds the {LABEL[avg_down]} ConTNet.*avg_down={avg_down}") as raised:
@@ -891,9 +891,9 @@ def test_contnet_b_default_download_runs_the_network_it_was_saved_from(
     monkeypatch.setitem(PUBLISHED_WEIGHTS, "contnet_b", PublishedWeights("contnet_b", "contnet_b.pth", url))
     monkeypatch.delenv("ANOMALIB_CONTNET_OFFLINE")
 
-    model = create_contnet("contnet_b", pretrained=True, num_classes=0).eval()
+    model = pretrained_contnet("contnet_b", num_classes=0).eval()
     assert model.config.avg_down is avg_down
     assert_same_outputs(outputs(model), expected)
     with pytest.raises(WeightsError, match=rf"avg_down={not avg_down} asks for the {LABEL[not avg_down]} shortcut"):
-        create_contnet("contnet_b", pretrained=True, avg_down=not avg_down, num_classes=0)
+        pretrained_contnet("contnet_b", avg_down=not avg_down, num_classes=0)
     assert file_server.requests["/w_contnet/contnet_b.pth"] == 1

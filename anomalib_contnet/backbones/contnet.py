@@ -6,15 +6,18 @@ their order equal the authors' released checkpoints, so those files load with
 strict key matching and give the published features.
 
 Layout follows timm's habits: every variant is one row of :data:`CONTNET_CFGS`,
-:func:`create_contnet` is the single place that builds a model, and
-:func:`checkpoint_filter_fn` unwraps the checkpoint containers seen in the wild.
+:func:`contnet_from_config` is the single step from a row to a model (for
+:func:`create_contnet` and timm's builder), and :func:`checkpoint_filter_fn`
+unwraps the checkpoint containers seen in the wild. This module only builds
+networks; pretrained ones are built by :mod:`anomalib_contnet.backbones.weights`
+and timm's ``contnet_*`` entry points (:mod:`anomalib_contnet.backbones.timm_contnet`).
 
 The two shortcut options of the down-sampling blocks (a strided 1x1 convolution,
 or the authors' ``avg_down``: 2x2 average pooling, then a stride-1 1x1
 convolution) are two different networks whose checkpoints differ only in the
 spelling of three keys. Keys are therefore never renamed from one spelling into
-the other: :func:`shortcut_of_state_dict` reads which network a checkpoint is,
-and the network built for it is that one.
+the other: :func:`~anomalib_contnet.backbones.contnet_configs.shortcut_of_state_dict`
+reads which network a checkpoint is, and the network built for it is that one.
 
 Any input of at least 32x32 pixels runs: the patch-wise encoders pad their map
 to whole patches and mask the padding out of attention (see
@@ -37,21 +40,21 @@ from anomalib_contnet.backbones.contnet_configs import (
     STAGE_STRIDES,
     ConTNetConfig,
     list_contnet_variants,
-    shortcut_of_state_dict,
 )
 
 __all__ = [
-    "CONTNET_CFGS",
     "STAGE_NAMES",
+    "STAGE_REDUCTIONS",
     "ConTBlock",
     "ConTNet",
-    "ConTNetConfig",
     "PatchwiseTransformerEncoder",
+    "StateDictMismatch",
     "checkpoint_filter_fn",
+    "compare_state_dict",
+    "contnet_flops_per_image",
     "contnet_from_config",
     "create_contnet",
-    "list_contnet_variants",
-    "shortcut_of_state_dict",
+    "unwrap_checkpoint",
 ]
 
 STAGE_NAMES: tuple[str, ...] = ("layer0", "layer1", "layer2", "layer3", "layer4")
@@ -310,13 +313,10 @@ class ConTStage(nn.Sequential):
 
 
 class ConTNet(nn.Module):
-    """The ConTNet classifier, with access to intermediate stages.
+    """The ConTNet classifier; ``feature_info`` names its stages for timm's ``features_only`` networks.
 
     Args:
         config: architecture of the variant (see :data:`CONTNET_CFGS`).
-
-    Use :meth:`forward_stages` to get the maps of chosen stages: it stops after
-    the deepest stage requested, so asking for ``layer3`` never runs ``layer4``.
     """
 
     def __init__(self, config: ConTNetConfig) -> None:
@@ -365,20 +365,15 @@ class ConTNet(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def forward_stages(self, x: torch.Tensor, stages: Iterable[str] = STAGE_NAMES) -> dict[str, torch.Tensor]:
-        """Return the outputs of ``stages`` (names from :data:`STAGE_NAMES`), computing nothing past the last one."""
-        wanted = set(stages)
-        unknown = wanted.difference(STAGE_NAMES)
-        if unknown or not wanted:
-            msg = f"unknown or empty stage selection {sorted(unknown) or '[]'}; choose from {list(STAGE_NAMES)}"
-            raise ValueError(msg)
-        last = max(STAGE_NAMES.index(name) for name in wanted)
-        outputs: dict[str, torch.Tensor] = {}
-        for name in STAGE_NAMES[: last + 1]:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the stem and the four stages; the (B, C, H/32, W/32) map of ``layer4``.
+
+        Maps of earlier stages come from timm: ``timm.create_model(name, features_only=True,
+        out_indices=...)`` holds the stages up to the deepest requested one and returns their maps.
+        """
+        for name in STAGE_NAMES:
             x = getattr(self, name)(x)
-            if name in wanted:
-                outputs[name] = x
-        return outputs
+        return x
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Global average pooling then the classifier (identity when built without classes)."""
@@ -386,7 +381,7 @@ class ConTNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Classify ``x`` (B, 3, H, W), sides of at least 32 (multiples of 224 run the published computation)."""
-        return self.forward_head(self.forward_stages(x, ("layer4",))["layer4"])
+        return self.forward_head(self.forward_features(x))
 
     def parameter_count(self) -> int:
         """Number of parameters (buffers excluded)."""
@@ -422,8 +417,8 @@ def checkpoint_filter_fn(checkpoint: Any, model: ConTNet) -> dict[str, torch.Ten
     """Adapt a published checkpoint to ``model``: unwrap it and drop a head the model does not have.
 
     Shortcut keys are left as spelled: the two spellings are two networks (see
-    :func:`shortcut_of_state_dict`), so a model of the other shortcut must fail
-    validation rather than load weights it would run differently.
+    :func:`~anomalib_contnet.backbones.contnet_configs.shortcut_of_state_dict`), so a model of the
+    other shortcut must fail validation rather than load weights it would run differently.
     """
     state_dict = unwrap_checkpoint(checkpoint)
     if not model.config.num_classes:
@@ -472,40 +467,27 @@ def compare_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor])
     return mismatch
 
 
-def create_contnet(
-    name: str,
-    pretrained: bool = False,
-    weights: str | None = None,
-    *,
-    avg_down: bool | None = None,
-    num_classes: int = 1000,
-    **overrides: Any,
-) -> ConTNet:
-    """Build a ConTNet variant, optionally with its published ImageNet weights.
+def create_contnet(name: str, *, avg_down: bool | None = None, num_classes: int = 1000, **overrides: Any) -> ConTNet:
+    """Build an untrained ConTNet variant (seeded by the caller's random state).
+
+    Pretrained models come from :func:`anomalib_contnet.backbones.weights.pretrained_contnet`
+    or ``timm.create_model(name, pretrained=True)``, which read the checkpoint
+    first so that its shortcut spelling decides the network built here.
 
     Args:
-        name: one of :func:`list_contnet_variants` (``contnet_ti``, ``contnet_s``, ``contnet_m``, ``contnet_b``).
-        pretrained: load ImageNet weights, found as described in
-            :func:`anomalib_contnet.backbones.weights.resolve_weights`.
-        weights: path or URL of a checkpoint; implies ``pretrained``.
-        avg_down: shortcut of the stride-2 blocks (see :class:`ConTNetConfig`). None follows the
-            checkpoint when weights are loaded, else the variant's row of :data:`CONTNET_CFGS`
-            (the architecture of its published download). An explicit value that contradicts the
-            checkpoint is refused: the two shortcuts compute different features.
+        name: one of :func:`~anomalib_contnet.backbones.contnet_configs.list_contnet_variants`
+            (``contnet_ti``, ``contnet_s``, ``contnet_m``, ``contnet_b``).
+        avg_down: shortcut of the stride-2 blocks (see :class:`ConTNetConfig`); None keeps the
+            variant's row of :data:`CONTNET_CFGS` (the architecture of its published download).
         num_classes: classifier size; 0 builds the model without ``fc``.
         **overrides: any other :class:`ConTNetConfig` field (for experiments).
 
     Raises:
         ValueError: for an unknown variant name.
-        anomalib_contnet.backbones.weights.WeightsError: when requested weights cannot be found or loaded.
     """
     if name not in CONTNET_CFGS:
         msg = f"unknown ConTNet variant {name!r}; choose one of {list_contnet_variants()}"
         raise ValueError(msg)
-    if pretrained or weights is not None:
-        from anomalib_contnet.backbones.weights import pretrained_contnet  # noqa: PLC0415  (weights imports this module)
-
-        return pretrained_contnet(name, weights, avg_down=avg_down, num_classes=num_classes, **overrides)
     return contnet_from_config(CONTNET_CFGS[name], avg_down=avg_down, num_classes=num_classes, **overrides)
 
 
@@ -527,13 +509,15 @@ def contnet_from_config(cfg: ConTNetConfig, *, in_chans: int = 3, **fields: Any)
     return ConTNet(replace(cfg, **changes))
 
 
-def contnet_flops_per_image(
-    model: ConTNet, side: int = PUBLISHED_INPUT_SIDE, stages: Iterable[str] = ("layer4",)
-) -> int:
-    """Count floating-point operations (2 per multiply-add) of one image through ``stages`` with torch's counter."""
+def contnet_flops_per_image(model: nn.Module, side: int = PUBLISHED_INPUT_SIDE) -> int:
+    """Count floating-point operations (2 per multiply-add) of ``model`` on one RGB image with torch's counter.
+
+    ``model`` is a ConTNet or a timm ``features_only`` network of one, which
+    counts the stages up to the deepest one it holds.
+    """
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415  (only benchmarks need it)
 
     image = torch.zeros(1, 3, side, side)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.forward_stages(image, stages)
+        model(image)
     return int(counter.get_total_flops())

@@ -24,7 +24,7 @@ random weights. The file is found by the package's own lookup
 a missing file raises :class:`~anomalib_contnet.backbones.weights.WeightsError`
 at once with the steps that fix it. The file's shortcut spelling decides which
 of the two shortcut networks is built (see
-:func:`~anomalib_contnet.backbones.contnet.shortcut_of_state_dict`), and the
+:func:`~anomalib_contnet.backbones.contnet_configs.shortcut_of_state_dict`), and the
 filter checks every key, shape and value before timm loads it.
 """
 

@@ -46,7 +46,6 @@ from anomalib_contnet.backbones.weight_files import (
 )
 
 __all__ = [
-    "check_checkpoint_file",
     "download_weights",
     "import_weights",
     "load_checkpoint_file",
@@ -189,8 +188,8 @@ def pretrained_contnet(
     The file (found by :func:`resolve_weights`) is read first; its shortcut
     spelling decides ``avg_down`` (an explicit, contradicting ``avg_down`` is
     refused), then the whole state_dict is validated before it is loaded, and
-    the choice is logged. :func:`~anomalib_contnet.backbones.contnet.create_contnet`
-    with ``pretrained=True`` or ``weights=`` ends up here.
+    the choice is logged. ``timm.create_model(name, pretrained=True)`` takes the same
+    steps through :func:`locate_checkpoint` and :func:`validated_state_dict`.
 
     Raises:
         WeightsError: no file, unreadable file, contradicting ``avg_down``, or a state_dict that does not fit.
@@ -209,7 +208,7 @@ def pretrained_contnet(
     return model
 
 
-def check_checkpoint_file(name: str, path: Path | str) -> ConTNetConfig:
+def _check_checkpoint_file(name: str, path: Path | str) -> ConTNetConfig:
     """Check that ``path`` loads strictly into variant ``name``; returns the architecture it was checked with.
 
     The architecture is the one the file describes: with ``fc`` keys the
@@ -230,7 +229,7 @@ def check_checkpoint_file(name: str, path: Path | str) -> ConTNetConfig:
 def import_weights(name: str, source: Path | str) -> Path:
     """Validate ``source`` for variant ``name`` and copy it atomically to :func:`cached_weights_path`."""
     source = Path(source).expanduser()
-    check_checkpoint_file(name, source)
+    _check_checkpoint_file(name, source)
     destination = cached_weights_path(name)
     prepare_folder(destination.parent)
     if destination.exists() and destination.resolve() == source.resolve():
@@ -266,7 +265,7 @@ def download_weights(
 
     def check_download(temporary: Path) -> None:
         try:
-            check_checkpoint_file(name, temporary)
+            _check_checkpoint_file(name, temporary)
         except WeightsError as error:
             msg = f"{url} did not deliver a usable {name} checkpoint (nothing was cached): {error}"
             raise WeightsError(msg) from error

@@ -1,9 +1,11 @@
-"""Frozen backbones that return the feature maps of chosen stages.
+"""The frozen backbone: feature maps of chosen stages of any timm model, ConTNet included.
 
-ConTNet variants (``contnet_*``) come from :mod:`anomalib_contnet.backbones`;
-any other name is a timm model, so the same Gaussian pipeline can compare
-backbones. Both are kept in eval mode for good: batch-norm statistics and
-dropout of a pretrained network must not change while Gaussians are fitted.
+Every backbone, ConTNet's ``contnet_*`` variants as much as resnets or
+EfficientNets, is built by ``timm.create_model(..., features_only=True)``
+(:mod:`anomalib_contnet.backbones.timm_contnet` registers ConTNet there), so
+there is one feature path to export, test and time. The backbone is kept in
+eval mode for good: batch-norm statistics and dropout of a pretrained network
+must not change while Gaussians are fitted.
 
 Extractors are always built with seeded untrained weights; the pretrained ones
 are loaded by :meth:`FrozenFeatureExtractor.load_pretrained`, which the model
@@ -16,13 +18,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from anomalib_contnet.backbones.contnet import STAGE_NAMES, create_contnet
+from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
 from anomalib_contnet.backbones.contnet_configs import list_contnet_variants, shortcut_of_state_dict
+from anomalib_contnet.backbones.weight_files import WeightsError
 
 __all__ = ["FrozenFeatureExtractor", "build_feature_extractor", "is_contnet"]
 
@@ -31,6 +35,9 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+SHORTCUT_NAMES = {True: "avg_down", False: "strided"}
+"""How :attr:`FrozenFeatureExtractor.shortcut` (and the checkpoint's ``shortcut`` hyper-parameter) names a shortcut."""
+
 
 def is_contnet(backbone: str) -> bool:
     """Whether ``backbone`` names one of this package's ConTNet variants."""
@@ -38,124 +45,46 @@ def is_contnet(backbone: str) -> bool:
 
 
 class FrozenFeatureExtractor(nn.Module):
-    """Base for feature extractors: always in eval mode, features in a dict keyed by layer name.
+    """Features of a timm model's stages, selected by the module names timm reports in ``feature_info``.
+
+    The backbone holds every stage up to the deepest requested one and nothing
+    after it (timm drops the rest), and returns all of their maps, so that
+    :meth:`stage_outputs` can show where NaN/Inf first appear without a second
+    network; :meth:`forward` keeps the requested ones. ConTNet's stages are
+    named ``layer0`` .. ``layer4``.
 
     Attributes:
+        name: the timm model name.
         layers: the requested layer names, in the order their channels are concatenated.
         out_channels: channels of each requested layer.
-        normalization: (mean, std) the backbone was trained with, for the pre-processor.
-        weights: explicit checkpoint (path or URL) of the pretrained weights, or None for the default lookup.
+        normalization: (mean, std) the backbone was trained with (its ``pretrained_cfg``), for the pre-processor.
+        weights: explicit checkpoint (path, or URL for ConTNet) of the pretrained weights, or None for the
+            default lookup (ConTNet: file variable, cache, published URL; other models: the Hugging Face Hub).
         wants_pretrained: whether fitting needs pretrained weights (False: the seeded untrained features are used).
     """
 
-    layers: tuple[str, ...]
-    out_channels: dict[str, int]
-    normalization: tuple[tuple[float, ...], tuple[float, ...]]
-    backbone: nn.Module
-
-    def __init__(self, pre_trained: bool, weights: str | None) -> None:
+    def __init__(self, name: str, layers: Sequence[str], pre_trained: bool, weights: str | None) -> None:
         super().__init__()
+        self.name = name
         self.weights = weights
         self.wants_pretrained = pre_trained or weights is not None
-
-    def load_pretrained(self) -> None:
-        """Replace the untrained backbone by the pretrained one (on the same device); subclasses say how."""
-        raise NotImplementedError
-
-    def match_saved_architecture(self, state_dict: Mapping[str, torch.Tensor]) -> None:  # noqa: ARG002
-        """Rebuild the backbone when a saved state (keys relative to the backbone) needs another architecture.
-
-        Only ConTNet has two architectures for one variant; timm backbones need nothing.
-        """
-        return
-
-    def _device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
-
-    def train(self, mode: bool = True) -> FrozenFeatureExtractor:  # noqa: ARG002 (frozen by design)
-        """Stay in eval mode whatever Lightning asks: the backbone is a fixed, pretrained feature map."""
-        return super().train(False)
-
-    def stage_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Outputs of every stage up to the deepest requested one, in execution order.
-
-        Used only to locate the stage where NaN/Inf first appear, after a check
-        found some; this base version can only show the requested layers.
-        """
-        return self(images)
-
-
-class ConTNetFeatures(FrozenFeatureExtractor):
-    """Features of chosen ConTNet stages; stages after the deepest requested one are never run."""
-
-    def __init__(self, variant: str, layers: Sequence[str], pre_trained: bool, weights: str | None) -> None:
-        super().__init__(pre_trained, weights)
-        unknown = [layer for layer in layers if layer not in STAGE_NAMES]
-        if unknown:
-            msg = f"unknown ConTNet layer(s) {unknown}; choose from {list(STAGE_NAMES)}"
-            raise ValueError(msg)
-        self.variant = variant
-        self.layers = tuple(layers)
-        self.backbone = create_contnet(variant, num_classes=0)
-        self.out_channels = {layer: self.backbone.stage_channels[layer] for layer in self.layers}
-        self.normalization = (IMAGENET_MEAN, IMAGENET_STD)
-        self.eval()
-
-    @property
-    def shortcut(self) -> str:
-        """Shortcut of the down-sampling blocks the backbone was built with: ``"avg_down"`` or ``"strided"``."""
-        return "avg_down" if self.backbone.config.avg_down else "strided"
-
-    def load_pretrained(self) -> None:
-        """Build the backbone the checkpoint file was trained as (its shortcut spelling decides) and load it."""
-        backbone = create_contnet(self.variant, pretrained=True, weights=self.weights, num_classes=0)
-        self.backbone = backbone.to(self._device()).eval()
-
-    def match_saved_architecture(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Rebuild the backbone with the shortcut that ``state_dict`` was saved with, if it differs.
-
-        A model fitted on avg-down ImageNet weights saves avg-down keys; a model
-        constructed from command-line arguments before its checkpoint is loaded
-        starts from the variant's default architecture, so it must follow the
-        checkpoint here rather than rename keys into another computation.
-        """
-        avg_down = shortcut_of_state_dict(state_dict)
-        if avg_down is None or avg_down == self.backbone.config.avg_down:
-            return
-        backbone = create_contnet(self.variant, avg_down=avg_down, num_classes=0)
-        self.backbone = backbone.to(self._device()).eval()
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return {layer: (B, C, h, w)} for the requested layers."""
-        return self.backbone.forward_stages(images, self.layers)
-
-    def stage_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every ConTNet stage from the stem to the deepest requested one, in execution order."""
-        deepest = max(STAGE_NAMES.index(layer) for layer in self.layers)
-        return self.backbone.forward_stages(images, STAGE_NAMES[: deepest + 1])
-
-
-class TimmFeatures(FrozenFeatureExtractor):
-    """Features of a timm model, selected by the module names timm reports in ``feature_info``.
-
-    ``weights`` is a local checkpoint file for offline use (timm's
-    ``pretrained_cfg_overlay=dict(file=...)``); without it timm downloads from
-    the Hugging Face Hub.
-    """
-
-    def __init__(self, name: str, layers: Sequence[str], pre_trained: bool, weights: str | None) -> None:
-        super().__init__(pre_trained, weights)
-        available = timm.create_model(name, features_only=True, pretrained=False).feature_info.module_name()
+        self.out_indices: tuple[int, ...] | None = None  # None: timm's default, the first five feature stages
+        init_state = torch.random.get_rng_state()
+        self.backbone = self._create(pretrained=False)
+        available = self.backbone.feature_info.module_name()
         missing = [layer for layer in layers if layer not in available]
         if missing:
-            msg = f"timm model {name!r} has no feature layer(s) {missing}; its feature layers are {available}"
+            msg = f"backbone {name!r} has no feature layer(s) {missing}; its feature layers are {available}"
             raise ValueError(msg)
-        self.name = name
         self.layers = tuple(layers)
-        self.out_indices = tuple(available.index(layer) for layer in layers)
-        self.backbone = self._create(pretrained=False)
-        names = self.backbone.feature_info.module_name()
-        self.out_channels = dict(zip(names, self.backbone.feature_info.channels(), strict=True))
+        held = max(available.index(layer) for layer in self.layers) + 1
+        if held < len(available):  # drop the stages after the deepest requested one
+            self.out_indices = tuple(self.backbone.feature_info.out_indices[:held])
+            torch.random.set_rng_state(init_state)  # the same random state gives the held stages the same weights
+            self.backbone = self._create(pretrained=False)
+        self._positions = {layer: available.index(layer) for layer in self.layers}  # in the backbone's output list
+        channels = self.backbone.feature_info.channels()
+        self.out_channels = {layer: channels[position] for layer, position in self._positions.items()}
         config = self.backbone.pretrained_cfg
         self.normalization = (
             tuple(config.get("mean", IMAGENET_MEAN)),
@@ -163,21 +92,51 @@ class TimmFeatures(FrozenFeatureExtractor):
         )
         self.eval()
 
-    def _create(self, pretrained: bool) -> nn.Module:
+    def _create(self, pretrained: bool, **architecture: Any) -> nn.Module:
+        """Build the feature network; ``architecture`` reaches the model's constructor (ConTNet: ``avg_down``)."""
         overlay = {"file": str(self.weights)} if pretrained and self.weights is not None else None
+        indices = {} if self.out_indices is None else {"out_indices": self.out_indices}
         return timm.create_model(
             self.name,
             features_only=True,
             exportable=True,
             pretrained=pretrained,
             pretrained_cfg_overlay=overlay,
-            out_indices=self.out_indices,
+            **indices,
+            **architecture,
         )
 
+    def _device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def shortcut(self) -> str | None:
+        """ConTNet's down-sampling shortcut as built, ``"avg_down"`` or ``"strided"``, read from the held keys.
+
+        None for other backbones, and for a ConTNet that holds no stride-2 block
+        (``layer0`` only), where the two networks compute the same features.
+        """
+        if not is_contnet(self.name):
+            return None
+        avg_down = shortcut_of_state_dict(name for name, _ in self.backbone.named_parameters())
+        return None if avg_down is None else SHORTCUT_NAMES[avg_down]
+
+    def train(self, mode: bool = True) -> FrozenFeatureExtractor:  # noqa: ARG002 (frozen by design)
+        """Stay in eval mode whatever Lightning asks: the backbone is a fixed, pretrained feature map."""
+        return super().train(False)
+
     def load_pretrained(self) -> None:
-        """Load the timm model's pretrained weights: ``weights`` when given, else timm's own source (the Hub)."""
+        """Replace the untrained backbone by the pretrained one, on the same device.
+
+        ConTNet's weights come from ``weights`` or the package's lookup, and the
+        file's shortcut spelling decides which network is built; its errors
+        (:class:`~anomalib_contnet.backbones.weight_files.WeightsError`) already
+        say what to do. Other models load ``weights`` when given, else timm's own source (the Hub).
+        """
         try:
             backbone = self._create(pretrained=True)
+        except WeightsError:
+            raise
         except Exception as error:
             msg = (
                 f"could not load pretrained weights for timm model {self.name!r} ({error}). Pass weights=<local file> "
@@ -187,8 +146,32 @@ class TimmFeatures(FrozenFeatureExtractor):
             raise RuntimeError(msg) from error
         self.backbone = backbone.to(self._device()).eval()
 
+    def match_saved_architecture(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Rebuild the backbone when ``state_dict`` (keys relative to the backbone) is another architecture.
+
+        Only ConTNet has two architectures for one name (its shortcut): a model
+        fitted on avg-down ImageNet weights saves avg-down keys, while a model
+        constructed from command-line arguments before its checkpoint is loaded
+        starts from the variant's default architecture, so it must follow the
+        checkpoint here rather than rename keys into another computation.
+        """
+        if not is_contnet(self.name):
+            return
+        avg_down = shortcut_of_state_dict(state_dict)
+        if avg_down is None or SHORTCUT_NAMES[avg_down] == self.shortcut:
+            return
+        self.backbone = self._create(pretrained=False, avg_down=avg_down).to(self._device()).eval()
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return {layer: (B, C, h, w)} for the requested layers."""
+        maps = self.backbone(images)
+        return {layer: maps[position] for layer, position in self._positions.items()}
+
+    def stage_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Outputs of every feature stage up to the deepest requested one, in execution order.
+
+        Used only to locate the stage where NaN/Inf first appear, after a check found some.
+        """
         return dict(zip(self.backbone.feature_info.module_name(), self.backbone(images), strict=True))
 
 
@@ -210,13 +193,12 @@ def build_feature_extractor(
         msg = "layers must name at least one backbone stage"
         raise ValueError(msg)
     source, _ = timm.models.parse_model_name(backbone)
-    if source is None and not is_contnet(backbone) and not timm.is_model(backbone):  # hf-hub:/local-dir: go to timm
+    if source is None and not timm.is_model(backbone):  # hf-hub:/local-dir: names go to timm as they are
         msg = (
             f"unknown backbone {backbone!r}: neither a ConTNet variant ({', '.join(list_contnet_variants())}) "
             "nor a timm model name (see timm.list_models())"
         )
         raise ValueError(msg)
-    extractor_class = ConTNetFeatures if is_contnet(backbone) else TimmFeatures
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(UNTRAINED_INIT_SEED)
-        return extractor_class(backbone, layers, pre_trained, weights)
+        return FrozenFeatureExtractor(backbone, layers, pre_trained, weights)

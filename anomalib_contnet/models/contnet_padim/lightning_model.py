@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from anomalib_contnet.deploy.staging import AtomicExportMixin
-from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD, ConTNetFeatures
+from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
 from anomalib_contnet.models.contnet_padim.pre_processor import ConTNetPreProcessor
 from anomalib_contnet.models.contnet_padim.safeguards import (
     CHECKPOINT_FORMAT_VERSION,
@@ -198,8 +198,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         extractor = self.model.feature_extractor
         extractor.load_pretrained()
         self._backbone_weights_in_place = True
-        if isinstance(extractor, ConTNetFeatures):
-            self.hparams["shortcut"] = extractor.shortcut  # saved with the checkpoint: which network was fitted
+        if extractor.shortcut is not None:  # ConTNet: saved with the checkpoint, which network was fitted
+            self.hparams["shortcut"] = extractor.shortcut
 
     def on_fit_start(self) -> None:
         """Refuse an empty training set with a message that names the folder (before the data loader fails)."""
