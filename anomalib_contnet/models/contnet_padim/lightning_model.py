@@ -15,7 +15,8 @@ Choices the paper leaves open, and what this implementation does:
 - No dimension reduction by default (the paper names none); ``n_features``
   offers PaDiM's random channel subset.
 - Covariance regulariser ``epsilon = 0.01`` (PaDiM's value; the paper gives none).
-- Input 224x224 (the paper's); any multiple of 224 via ``image_size``.
+- Input 224x224 (the paper's); any size from 32 px via ``image_size`` (ConTNet pads its patch-wise
+  encoders' maps to whole patches and masks the padding; multiples of 224 need none).
 
 Engineering differences from anomalib's Padim: training embeddings are never
 stored (streaming statistics, constant memory), the covariance is factorised for
@@ -42,23 +43,25 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from anomalib_contnet.deploy.staging import AtomicExportMixin
-from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
-from anomalib_contnet.models.contnet_padim.pre_processor import ConTNetPreProcessor
-from anomalib_contnet.models.contnet_padim.safeguards import (
+from anomalib_contnet.models.contnet_padim.checkpoint_format import (
     CHECKPOINT_FORMAT_VERSION,
     FORMAT_KEY,
     check_checkpoint_format,
     check_checkpoint_state,
+    read_model_checkpoint,
+)
+from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
+from anomalib_contnet.models.contnet_padim.input_checks import (
     check_image_files,
     dataset_image_paths,
     loader_datasets,
-    read_checkpoint,
     require_training_images,
 )
+from anomalib_contnet.models.contnet_padim.pre_processor import ConTNetPreProcessor
 from anomalib_contnet.models.contnet_padim.torch_model import ConTNetPaDiMModel, NotFittedError
+from anomalib_contnet.models.staged_export import AtomicExportMixin
 
-__all__ = ["CHECKPOINT_FORMAT_VERSION", "DEFAULT_IMAGE_SIZE", "ConTNetPaDiM"]
+__all__ = ["CHECKPOINT_FORMAT_VERSION", "ConTNetPaDiM"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         precision: compute type of the backbone, ``"float32"`` (default), ``"bfloat16"`` or
             ``"float16"`` (autocast; the Gaussians and anomaly map stay float32; speed and
             score effects in docs/performance.md).
-        image_size: input size of the default pre-processor (multiples of 224 for ConTNet).
+        image_size: input size of the default pre-processor (at least 32 px; multiples of 224 need no padding).
         pre_processor, post_processor, evaluator, visualizer: anomalib components,
             ``True`` for the defaults.
 
@@ -346,7 +349,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         had the ConTNet-B download, with the backbone architecture it was fitted with.
         """
         if isinstance(checkpoint_path, str | os.PathLike) and "://" not in str(checkpoint_path):
-            checkpoint = read_checkpoint(checkpoint_path, cls.checkpoint_safe_globals())
+            checkpoint = read_model_checkpoint(checkpoint_path, cls.checkpoint_safe_globals())
             check_checkpoint_format(checkpoint, str(checkpoint_path))
             if hparams_file is None and not isinstance(checkpoint.get("hyper_parameters"), dict):
                 msg = (
