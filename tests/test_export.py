@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomalib_contnet.data.textures import load_texture, render_defective, render_normal, texture_bands
 from anomalib_contnet.deploy import MANIFEST_NAME, ExportCheckError, check_export, export_model
-from anomalib_contnet.deploy.staging import STAGING_PREFIX
+from anomalib_contnet.models.staged_export import STAGING_PREFIX
 
 pytestmark = pytest.mark.slow
 
