@@ -8,16 +8,23 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from anomalib_contnet.backbones.weight_files import CACHE_ENV, WEIGHTS_ENV
 from anomalib_contnet.cli import main
 from anomalib_contnet.data import make_tiny_mvtec
 from anomalib_contnet.evaluation import CSV_COLUMNS
 from anomalib_contnet.evaluation.ablation import PAPER_VARIANT, ablation_variants
-from anomalib_contnet.evaluation.configs import OFFLINE_EFFICIENTNET_LABEL, RANDOM_INIT_LABEL
+from anomalib_contnet.evaluation.configs import (
+    MODEL_CONFIGS,
+    OFFLINE_EFFICIENTNET_LABEL,
+    RANDOM_INIT_LABEL,
+    resolve_job_weights,
+)
 from anomalib_contnet.evaluation.metrics import roc_curve
 from anomalib_contnet.evaluation.paper import (
     MVTEC_AD_OBJECTS,
@@ -300,3 +307,112 @@ def test_full_protocol_table_beside_the_paper_and_resume(tmp_path: Path, capsys:
     assert job_lines(third, "running") == ["carpet__contnet_padim_contnet_ti"]
     assert job_lines(third, "finished earlier, skipped") == ["bottle__contnet_padim_contnet_ti"]
     assert carpet_result.stat().st_mtime_ns != carpet_written
+
+
+# ------------------------------------------------------------------ anomalib's Padim and Patchcore on ConTNet-B
+
+CONTNET_B_CONFIGS = ("padim_contnet_b", "patchcore_contnet_b")
+BACKBONE_PREFIX = "model.feature_extractor.feature_extractor."
+"""Where anomalib's TimmFeatureExtractor keeps the timm network in a Lightning checkpoint of Padim / Patchcore."""
+
+
+@pytest.fixture(scope="module")
+def contnet_b_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A ConTNet-B checkpoint of seeded random values under a name of its own: what the weights label must name."""
+    torch.manual_seed(11)
+    state = timm.create_model("contnet_b").state_dict()
+    path = tmp_path_factory.mktemp("contnet_b_weights") / "random_contnet_b.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_anomalib_models_on_contnet_get_the_found_checkpoint_through_their_job_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Padim and Patchcore take no weights argument: pre_trained=True, and the file the label names in the variable.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    for name in CONTNET_B_CONFIGS:
+        untrained = resolve_job_weights(MODEL_CONFIGS[name], None, allow_download=False)
+        assert (untrained.label, untrained.init_args, untrained.environment) == (
+            RANDOM_INIT_LABEL,
+            {"pre_trained": False},
+            {},
+        )
+    cached = cache / "contnet_b.pth"
+    cached.write_bytes(b"")  # only found here; its content is read and checked by the job that loads it
+    for name in CONTNET_B_CONFIGS:
+        weights = resolve_job_weights(MODEL_CONFIGS[name], None, allow_download=False)
+        assert weights.init_args == {"pre_trained": True}
+        assert weights.environment == {WEIGHTS_ENV: str(cached)}
+        assert "contnet_b.pth" in weights.label
+    # ConTNetPaDiM, which has a weights argument, gets the same file through it.
+    paper = resolve_job_weights(MODEL_CONFIGS["contnet_padim_contnet_b"], None, allow_download=False)
+    assert (paper.init_args, paper.environment, paper.label) == (
+        {"pre_trained": True, "weights": str(cached)},
+        {},
+        weights.label,
+    )
+
+
+@pytest.fixture(scope="module")
+def contnet_b_benchmarks(
+    tmp_path_factory: pytest.TempPathFactory, contnet_b_file: tuple[Path, dict[str, torch.Tensor]]
+) -> dict[str, Path]:
+    """The two ConTNet-B configurations on one tiny category at 64 px: without weights, then with the file."""
+    work = tmp_path_factory.mktemp("contnet_b_benchmark")
+    root = make_tiny_mvtec(work / "datasets", n_train=8, n_test_good=4, n_test_defect=4, image_size=64)
+    arguments = ["benchmark", "--data-root", str(root), "--categories", "brick"]
+    arguments += ["--configs", ",".join(CONTNET_B_CONFIGS), "--max-train", "6", "--max-test", "6"]
+    # 64 px gives Patchcore a 4x4 grid: 96 patches from 6 images, so a ratio that keeps some of them.
+    arguments += ["--image-size", "64", "--coreset-ratio", "0.1"]
+    outs = {"random": work / "random", "file": work / "file"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(work / "empty-cache"))
+        patch.delenv(WEIGHTS_ENV, raising=False)
+        assert main([*arguments, "--out", str(outs["random"])]) == 0
+        patch.setenv(WEIGHTS_ENV, str(contnet_b_file[0]))
+        assert main([*arguments, "--keep-checkpoints", "--out", str(outs["file"])]) == 0
+    return outs
+
+
+def contnet_b_rows(out: Path) -> dict[str, dict[str, str]]:
+    """The job rows of a benchmark run, by model class name."""
+    with (out / "benchmark.csv").open(encoding="utf-8") as handle:
+        return {row["model"]: row for row in csv.DictReader(handle) if row["kind"] != "mean"}
+
+
+@pytest.mark.slow
+def test_padim_and_patchcore_on_contnet_b_run_untrained_without_a_checkpoint(
+    contnet_b_benchmarks: dict[str, Path],
+) -> None:
+    rows = contnet_b_rows(contnet_b_benchmarks["random"])
+    assert set(rows) == {"Padim", "Patchcore"}
+    for row in rows.values():
+        assert (row["status"], row["backbone"], row["weights"]) == ("ok", "contnet_b", RANDOM_INIT_LABEL)
+        assert (row["n_train"], row["n_test"]) == ("6", "6")
+        for metric in ("image_auroc", "pixel_auroc", "aupro"):
+            assert 0.0 <= float(row[metric]) <= 1.0
+    assert "layers=layer1+layer2+layer3 n_features=100" in rows["Padim"]["settings"]
+    assert "layers=layer2+layer3 coreset_sampling_ratio=0.1" in rows["Patchcore"]["settings"]
+
+
+@pytest.mark.slow
+def test_padim_and_patchcore_on_contnet_b_load_the_checkpoint_the_label_names(
+    contnet_b_benchmarks: dict[str, Path], contnet_b_file: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    path, state = contnet_b_file
+    rows = contnet_b_rows(contnet_b_benchmarks["file"])
+    for config, model in zip(CONTNET_B_CONFIGS, ("Padim", "Patchcore"), strict=True):
+        row = rows[model]
+        assert row["status"] == "ok"
+        assert path.name in row["weights"]
+        checkpoint = contnet_b_benchmarks["file"] / "jobs" / f"brick__{config}" / "model.ckpt"
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+        backbone = {
+            key.removeprefix(BACKBONE_PREFIX): value for key, value in saved.items() if key.startswith(BACKBONE_PREFIX)
+        }
+        assert len(backbone) > 100, sorted(saved)[:10]  # every stage the model reads, not a stray tensor
+        assert all(torch.equal(value, state[key]) for key, value in backbone.items()), config

