@@ -49,8 +49,8 @@ FACTOR_BLOCK_WIDTH = 128
 
 Slabs keep ``(k + 1) / 2k`` of the full matrix for ``k`` blocks (54 % at 1536
 dimensions). Narrower blocks save a little more storage but multiply the small
-matrix products: at batch 1, 64 columns ran about 15 % slower than 128 on the
-development machine (single thread), 256 no faster than 128.
+matrix products: at batch 1 (49 positions, 1536 dimensions), 64 columns ran 15-20 % slower
+than 128 on one thread of the development machine, 256 no faster than 128.
 """
 
 SOLVE_WIDTH = 2 * FACTOR_BLOCK_WIDTH

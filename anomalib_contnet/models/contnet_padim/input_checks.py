@@ -50,7 +50,8 @@ def check_image_files(paths: Iterable[str | os.PathLike[str]], purpose: str) -> 
     fine, then fails mid-run with Pillow's "image file is truncated" and no file
     name), so they are decoded with the decoder anomalib's reader uses; JPEGs at
     reduced scale (libjpeg's scaled decoding still reads the whole entropy-coded
-    stream, so cuts are found), a few milliseconds per 1024 px photograph.
+    stream, so cuts are found), a few milliseconds per 1024 px photograph (docs/reliability.md,
+    rows 11 and 12).
 
     Args:
         paths: image files a stage is about to read.

@@ -4,8 +4,8 @@ anomalib 2.7 resizes datamodule batches (fit, test, ``Engine.predict``) with
 torchvision's antialiased ``Resize``, but ``PreProcessor.forward`` (the exported
 graph and ``TorchInferencer``) runs a copy made by ``get_exportable_transform``,
 which switches antialiasing off because ONNX export does not support it. On
-1024 px images the two differ enough to move normalised scores by up to 0.57, so
-thresholds learned while fitting mean something else in deployment.
+1024 px images the two differ enough to move normalised scores by about 0.1 (docs/export.md,
+"Parity on image files"), so thresholds learned while fitting mean something else in deployment.
 
 :class:`AntialiasedResize` computes the antialiased bilinear resize itself, as
 two matrix products whose (output, input) resampling matrices are built from the

@@ -55,9 +55,10 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         epsilon: covariance regulariser.
         sigma: standard deviation of the anomaly-map smoothing.
         factor_dtype: storage type of the Gaussians' precision factor: ``"float32"``
-            (default), or ``"float16"``, which halves the checkpoint and the exported
-            model again while distances move by about 1e-4 relative (rounding of the
-            factor); arithmetic is float32 either way. See docs/performance.md.
+            (default), or ``"float16"``, which halves the factor's bytes in the checkpoint
+            and the ONNX file (not in OpenVINO IR, whose converter widens it back) while
+            distances move by about 1e-4 relative (rounding of the factor); arithmetic is
+            float32 either way. See docs/performance.md, section 4.
         precision: compute type of the backbone, ``"float32"`` (default), ``"bfloat16"``
             or ``"float16"`` (the spelling of anomalib's ``PrecisionType``). The backbone
             runs under ``torch.autocast`` in that type: its weights stay float32 (so
