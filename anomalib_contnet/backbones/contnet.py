@@ -28,7 +28,7 @@ compute exactly the published network.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -48,9 +48,7 @@ __all__ = [
     "ConTBlock",
     "ConTNet",
     "PatchwiseTransformerEncoder",
-    "StateDictMismatch",
     "checkpoint_filter_fn",
-    "compare_state_dict",
     "contnet_flops_per_image",
     "contnet_from_config",
     "create_contnet",
@@ -424,47 +422,6 @@ def checkpoint_filter_fn(checkpoint: Any, model: ConTNet) -> dict[str, torch.Ten
     if not model.config.num_classes:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
     return state_dict
-
-
-@dataclass
-class StateDictMismatch:
-    """Differences between a checkpoint and a model, for error messages."""
-
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    wrong_shape: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        """True when anything differs."""
-        return bool(self.missing or self.unexpected or self.wrong_shape)
-
-    def describe(self, shown: int = 5) -> str:
-        """Human-readable summary with counts and the first ``shown`` keys of each kind."""
-        parts = []
-        for label, keys in (
-            ("missing", self.missing),
-            ("unexpected", self.unexpected),
-            ("wrong shape", self.wrong_shape),
-        ):
-            if keys:
-                more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
-                parts.append(f"{len(keys)} {label}: {', '.join(keys[:shown])}{more}")
-        return "; ".join(parts)
-
-
-def compare_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> StateDictMismatch:
-    """List missing, unexpected and wrong-shape keys of ``state_dict`` against ``model``."""
-    expected = model.state_dict()
-    mismatch = StateDictMismatch(
-        missing=[key for key in expected if key not in state_dict],
-        unexpected=[key for key in state_dict if key not in expected],
-    )
-    mismatch.wrong_shape = [
-        f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state_dict and state_dict[key].shape != value.shape
-    ]
-    return mismatch
 
 
 def create_contnet(name: str, *, avg_down: bool | None = None, num_classes: int = 1000, **overrides: Any) -> ConTNet:

@@ -21,7 +21,6 @@ import torch
 from anomalib_contnet.backbones.contnet import (
     ConTNet,
     checkpoint_filter_fn,
-    compare_state_dict,
     create_contnet,
     unwrap_checkpoint,
 )
@@ -44,6 +43,7 @@ from anomalib_contnet.backbones.weight_files import (
     resolve_weights,
     temporary_sibling,
 )
+from anomalib_contnet.checkpoints import compare_state_dict, read_checkpoint
 
 __all__ = [
     "download_weights",
@@ -59,23 +59,10 @@ logger = logging.getLogger(__name__)
 
 def load_checkpoint_file(path: Path | str) -> dict[str, Any]:
     """Read a checkpoint safely (``weights_only``, on CPU); unreadable files raise WeightsError naming them."""
-    path = Path(path)
-    if not path.is_file():
-        msg = f"checkpoint {path} does not exist"
-        raise WeightsError(msg)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any failure means the file is not a usable checkpoint
-        detail = (str(error).strip().splitlines() or [""])[0][:200]
-        msg = (
-            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {detail}). "
-            f"It is probably truncated or not a checkpoint at all: delete it and fetch it again."
-        )
-        raise WeightsError(msg) from error
-    if not isinstance(checkpoint, Mapping):
-        msg = f"{path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict of tensors)"
-        raise WeightsError(msg)
-    return dict(checkpoint)
+        return read_checkpoint(path, "delete it and fetch it again")
+    except (FileNotFoundError, ValueError) as error:
+        raise WeightsError(str(error)) from error
 
 
 def _unwrapped(checkpoint: Mapping[str, Any], path: Path | str) -> dict[str, torch.Tensor]:
@@ -117,7 +104,7 @@ def validated_state_dict(model: ConTNet, checkpoint: Mapping[str, Any], path: Pa
             f"(or avg_down=None to follow the file)."
         )
         raise WeightsError(msg)
-    mismatch = compare_state_dict(model, state_dict)
+    mismatch = compare_state_dict(model.state_dict(), state_dict)
     if mismatch:
         config = model.config
         msg = (
@@ -126,11 +113,7 @@ def validated_state_dict(model: ConTNet, checkpoint: Mapping[str, Any], path: Pa
             f"A mismatch only in 'fc' means another classifier size: build the model with num_classes=0."
         )
         raise WeightsError(msg)
-    expected = model.state_dict()
     for key, tensor in state_dict.items():
-        if tensor.is_floating_point() != expected[key].is_floating_point() or tensor.is_complex():
-            msg = f"{path}: {key} has dtype {tensor.dtype}, expected {expected[key].dtype}"
-            raise WeightsError(msg)
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             msg = f"{path}: {key} holds {bad} NaN/Inf values; the file is damaged, fetch it again"
