@@ -19,7 +19,7 @@ __all__ = ["plot_auroc_against_cost"]
 
 COSTS: tuple[tuple[str, str], ...] = (
     ("seconds_per_image", "predict time (s / image)"),
-    ("peak_rss_gb", "peak memory (GB)"),
+    ("peak_rss_gb", "peak memory (GiB)"),
 )
 
 

@@ -427,7 +427,7 @@ def _summary(row: BenchmarkRow, log_path: Path) -> str:
     pixel = "" if row.pixel_auroc is None else f", pixel AUROC {row.pixel_auroc:.3f}, AUPRO {row.aupro:.3f}"
     return (
         f"   image AUROC {row.image_auroc:.3f}{pixel}; fit {row.fit_s:.1f} s, "
-        f"{row.predict_images_per_s:.1f} images/s, peak RSS {row.peak_rss_mb / 1024:.1f} GB, "
+        f"{row.predict_images_per_s:.1f} images/s, peak RSS {row.peak_rss_mb / 1024:.1f} GiB, "
         f"checkpoint {row.checkpoint_mb:.0f} MB"
     )
 

@@ -162,8 +162,8 @@ MARKDOWN_COLUMNS = (
     "AUPRO",
     "Fit (s)",
     "Predict (img/s)",
-    "Peak RSS (GB)",
-    "Checkpoint (MB)",
+    "Peak RSS (GiB)",
+    "Checkpoint (MiB)",
     "Status",
 )
 
