@@ -12,7 +12,7 @@ import sys
 
 from anomalib_contnet.backbones.weight_files import WeightsError
 from anomalib_contnet.data import DatasetPrepareError
-from anomalib_contnet.evaluation.configs import MODEL_CONFIGS
+from anomalib_contnet.evaluation.configs import DEFAULT_CONFIG_NAMES, MODEL_CONFIGS
 from anomalib_contnet.evaluation.paper import MVTEC_AD
 from anomalib_contnet.evaluation.runner import DEFAULT_CORESET_RATIO, DEFAULT_SEED, BenchmarkError, run_benchmark
 from anomalib_contnet.evaluation.subsets import offline_categories
@@ -43,7 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"comma-separated folder names under --data-root; {MVTEC_AD} = its 15 categories; missing offline ones "
         f"({', '.join(offline_categories())}) are prepared (default: elpv_mono,brick)",
     )
-    parser.add_argument("--configs", default=None, help="comma-separated configuration names (default: all)")
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help=f"comma-separated configuration names (default: {', '.join(DEFAULT_CONFIG_NAMES)})",
+    )
     parser.add_argument(
         "--max-train", type=int, default=40, help="training images per category, 0 = every one (default 40)"
     )
