@@ -21,12 +21,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from anomalib_contnet import ConTNetPaDiMModel
+if TYPE_CHECKING:  # imported where used, so that a script can compare package trees without loading this one
+    from anomalib_contnet import ConTNetPaDiMModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ANOMALIB_CONTNET_OFFLINE", "1")
@@ -214,6 +215,8 @@ def machine_summary() -> str:
 
 def fitted_model(backbone: str, factor_dtype: str) -> ConTNetPaDiMModel:
     """Model with random backbone weights and a Gaussian fitted on random embeddings of its shape (speed only)."""
+    from anomalib_contnet import ConTNetPaDiMModel  # noqa: PLC0415  (see the TYPE_CHECKING import above)
+
     model = ConTNetPaDiMModel(backbone=backbone, pre_trained=False, factor_dtype=factor_dtype).eval()
     generator = torch.Generator().manual_seed(0)
     for _ in range(8):
