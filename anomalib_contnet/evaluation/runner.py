@@ -48,7 +48,6 @@ if TYPE_CHECKING:  # the converted weights' module is imported only when a confi
     from anomalib_contnet.pretrained import OfflineWeights
 
 __all__ = [
-    "ANOMALIB_DEFAULT_CORESET_RATIO",
     "DEFAULT_SEED",
     "BenchmarkError",
     "BenchmarkReport",

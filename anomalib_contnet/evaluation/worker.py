@@ -30,7 +30,7 @@ from typing import Any
 from anomalib_contnet.atomic_files import write_text_atomically
 from anomalib_contnet.warning_filters import install_warning_filters
 
-__all__ = ["JobResult", "JobSpec", "main", "peak_rss_bytes", "run_job"]
+__all__ = ["JobResult", "JobSpec", "main", "peak_rss_bytes"]
 
 
 @dataclass(frozen=True)
