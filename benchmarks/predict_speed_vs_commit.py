@@ -16,6 +16,14 @@ slow drift hit both alike, and reports medians and the ratio of median times
 new / baseline (above 1 = the working tree is slower) with a bootstrap 95 %
 interval over the rounds and the range of the per-round ratios.
 
+Two effects that belong to a process rather than to the code are kept out: both
+workers are pinned to the same CPU (they never run at once, so neither gets the
+core that also serves interrupts or other jobs), and ``--pairs`` fresh pairs of
+workers are started one after the other, in alternating start order, each timed
+for ``--rounds`` rounds (where a process's memory happens to lie can move its
+speed by several per cent for its whole life: an A/A run with one pair measured
+1.117 at 256 px with every round above 1).
+
 Wall time is the speed a user sees, but on a shared machine it includes the time
 the worker waited for a core. The CPU time of the worker process is reported
 beside it: with one thread it leaves that waiting out, so when the two ratios
@@ -29,8 +37,8 @@ otherwise the comparison would not be like for like and the script stops.
 
 Run from the repository root (about 2 minutes per size and 7 rounds at 224 px on 2 busy cores)::
 
-    python benchmarks/predict_speed_vs_commit.py --baseline e052bb9 --sizes 224 256
-    python benchmarks/predict_speed_vs_commit.py --baseline e052bb9 --new e052bb9 --sizes 224 256
+    python benchmarks/predict_speed_vs_commit.py --baseline e052bb9 --sizes 224 256 --pairs 3 --rounds 5
+    python benchmarks/predict_speed_vs_commit.py --baseline e052bb9 --new e052bb9 --sizes 224 256 --pairs 3 --rounds 5
     python benchmarks/predict_speed_vs_commit.py --sizes 1024 --n-features 100 --batch 2 --rounds 3
 
 At 1024 px with all 1536 dimensions the statistics alone would need about 19 GB
@@ -106,6 +114,7 @@ def serve(setting: dict[str, Any]) -> None:
     import anomalib_contnet  # noqa: PLC0415  (only workers import the package: each its own tree's)
     from anomalib_contnet import ConTNetPaDiMModel  # noqa: PLC0415
 
+    os.sched_setaffinity(0, {setting["cpu"]})
     torch.set_num_threads(setting["threads"])
     loaded_from = Path(anomalib_contnet.__file__).resolve()
     if not loaded_from.is_relative_to(Path(setting["tree"]).resolve()):
@@ -207,7 +216,21 @@ def bootstrap_interval(baseline: list[float], new: list[float], samples: int = 2
     return ratios[int(0.025 * samples)], ratios[int(0.975 * samples) - 1]
 
 
-def compare(trees: dict[str, Path], setting: dict[str, Any], rounds: int) -> dict[str, Any]:
+def compare(trees: dict[str, Path], setting: dict[str, Any], rounds: int, pairs: int) -> dict[str, Any]:
+    """``pairs`` fresh pairs of workers for one setting, each timed alternately for ``rounds`` rounds; pooled."""
+    seconds: dict[str, dict[str, list[float]]] = {clock: {label: [] for label in trees} for clock in CLOCKS}
+    info: dict[str, Any] = {}
+    for pair in range(pairs):
+        order = list(trees.items()) if pair % 2 == 0 else list(trees.items())[::-1]
+        result = compare_pair(dict(order), setting, rounds)
+        for clock in CLOCKS:
+            for label in trees:
+                seconds[clock][label] += result["seconds"][clock][label]
+        info = result["info"]
+    return {"seconds": seconds, "info": info}
+
+
+def compare_pair(trees: dict[str, Path], setting: dict[str, Any], rounds: int) -> dict[str, Any]:
     """Both workers for one setting, timed alternately for ``rounds`` rounds; seconds per clock and tree, shapes."""
     workers: list[Worker] = []
     try:
@@ -215,7 +238,7 @@ def compare(trees: dict[str, Path], setting: dict[str, Any], rounds: int) -> dic
             workers.append(Worker.start(label, tree, setting))
         for worker in workers:
             worker.info = worker.read_result()
-        baseline, new = workers
+        baseline, new = sorted(workers, key=lambda worker: worker.label)  # "baseline" < "new"
         for key in ("embedding", "gaussian_shapes"):
             if baseline.info[key] != new.info[key]:
                 msg = f"{key} differs between the trees: baseline {baseline.info[key]}, new {new.info[key]}"
@@ -240,7 +263,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="contnet_b")
     parser.add_argument("--n-features", type=int, default=None, help="random channel subset (default: all)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=7, help="timed forwards per tree and size")
+    parser.add_argument("--rounds", type=int, default=7, help="timed forwards per tree, size and worker pair")
+    parser.add_argument("--pairs", type=int, default=3, help="fresh worker pairs per size, run one after another")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of each worker (default: 1)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="allowed slowdown (default: 0.05 = 5 %%)")
     args = parser.parse_args()
@@ -263,8 +287,9 @@ def main() -> None:
                 "side": side,
                 "batch": args.batch,
                 "threads": args.threads,
+                "cpu": max(os.sched_getaffinity(0)),
             }
-            result = compare(trees, setting, args.rounds)
+            result = compare(trees, setting, args.rounds, args.pairs)
             info = result["info"]["new"]
             for clock in CLOCKS:
                 baseline, new = result["seconds"][clock]["baseline"], result["seconds"][clock]["new"]
@@ -288,7 +313,10 @@ def main() -> None:
                 )
             print(f"{side} px: baseline {result['info']['baseline']}\n{side} px: new {info}", flush=True)
 
-    print(f"\n## Eager predict, {args.backbone}, batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds\n")
+    print(
+        f"\n## Eager predict, {args.backbone}, batch {args.batch}, {args.threads} thread(s), "
+        f"{args.pairs} worker pairs x {args.rounds} rounds, both pinned to CPU {max(os.sched_getaffinity(0))}\n"
+    )
     print(f"baseline: {baseline_label}\nnew: {new_label}\n")
     headers = [
         "side px",
