@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["SHOWN_KEYS", "StateDictMismatch", "compare_state_dict", "read_checkpoint"]
+__all__ = ["StateDictMismatch", "compare_state_dict", "non_finite_counts", "read_checkpoint"]
 
 SHOWN_KEYS = 5
-"""Keys or files quoted in one message; the rest are counted."""
+"""Keys quoted per kind of difference in one message; the rest are counted."""
 
 
 def read_checkpoint(path: str | os.PathLike[str], remedy: str) -> dict[str, Any]:
@@ -133,3 +133,15 @@ def compare_state_dict(
         elif given[key].is_floating_point() != value.is_floating_point():
             mismatch.wrong_shape.append(f"{key} dtype {given[key].dtype} vs {value.dtype}")
     return mismatch
+
+
+def non_finite_counts(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, int]:
+    """{key: how many NaN/Inf values} for the floating-point tensors under ``prefix`` that hold any, in key order.
+
+    Such tensors load silently and then make every feature, distance and score NaN.
+    """
+    return {
+        key: int((~torch.isfinite(value)).sum())
+        for key, value in state_dict.items()
+        if key.startswith(prefix) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    }

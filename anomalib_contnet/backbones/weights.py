@@ -43,7 +43,7 @@ from anomalib_contnet.backbones.weight_files import (
     resolve_weights,
     temporary_sibling,
 )
-from anomalib_contnet.checkpoints import compare_state_dict, read_checkpoint
+from anomalib_contnet.checkpoints import compare_state_dict, non_finite_counts, read_checkpoint
 
 __all__ = [
     "download_weights",
@@ -113,11 +113,11 @@ def validated_state_dict(model: ConTNet, checkpoint: Mapping[str, Any], path: Pa
             f"A mismatch only in 'fc' means another classifier size: build the model with num_classes=0."
         )
         raise WeightsError(msg)
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            msg = f"{path}: {key} holds {bad} NaN/Inf values; the file is damaged, fetch it again"
-            raise WeightsError(msg)
+    non_finite = non_finite_counts(state_dict)
+    if non_finite:
+        key, bad = next(iter(non_finite.items()))
+        msg = f"{path}: {key} holds {bad} NaN/Inf values; the file is damaged, fetch it again"
+        raise WeightsError(msg)
     return state_dict
 
 

@@ -15,7 +15,8 @@ import torch
 from anomalib.utils.serialization import anomalib_safe_globals
 from torch import nn
 
-from anomalib_contnet.checkpoints import SHOWN_KEYS, compare_state_dict, read_checkpoint
+from anomalib_contnet.checkpoints import compare_state_dict, non_finite_counts, read_checkpoint
+from anomalib_contnet.models.contnet_padim.input_checks import listed
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -109,7 +110,7 @@ def check_checkpoint_state(
     expected = model.state_dict()
     not_tensors = [f"{key} ({type(value).__name__})" for key, value in state_dict.items() if not torch.is_tensor(value)]
     if not_tensors:
-        msg = f"{source} is damaged: its state_dict holds values that are not tensors:\n{_listed(not_tensors)}"
+        msg = f"{source} is damaged: its state_dict holds values that are not tensors:\n{listed(not_tensors)}"
         raise ValueError(msg)
     mismatch = compare_state_dict(expected, state_dict, empty_takes_any_shape=True)
     if mismatch:
@@ -121,19 +122,12 @@ def check_checkpoint_state(
         )
         raise ValueError(msg)
     non_finite = [
-        f"{key} ({int((~torch.isfinite(value)).sum())} of {value.numel()} values)"
-        for key, value in state_dict.items()
-        if key.startswith(finite_prefix) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+        f"{key} ({bad} of {state_dict[key].numel()} values)"
+        for key, bad in non_finite_counts(state_dict, finite_prefix).items()
     ]
     if non_finite:
         msg = (
             f"{source} holds NaN/Inf values, which would give NaN anomaly maps and scores; the file is damaged or "
-            f"was saved from a model that diverged. Use an intact checkpoint or refit:\n{_listed(non_finite)}"
+            f"was saved from a model that diverged. Use an intact checkpoint or refit:\n{listed(non_finite)}"
         )
         raise ValueError(msg)
-
-
-def _listed(items: Sequence[str]) -> str:
-    """The first :data:`~anomalib_contnet.checkpoints.SHOWN_KEYS` items, one per line, and how many more there are."""
-    more = [f"  ... and {len(items) - SHOWN_KEYS} more"] if len(items) > SHOWN_KEYS else []
-    return "\n".join([f"  - {item}" for item in items[:SHOWN_KEYS]] + more)

@@ -16,6 +16,7 @@ from PIL import Image
 __all__ = [
     "check_image_files",
     "dataset_image_paths",
+    "listed",
     "loader_datasets",
     "require_training_images",
 ]
@@ -33,8 +34,8 @@ _SHOWN = 5
 """Offending files or keys quoted in one message; the rest are counted."""
 
 
-def _quote(items: Sequence[str]) -> str:
-    """First few items, one per line, and how many more there are."""
+def listed(items: Sequence[str]) -> str:
+    """First few items, one per line, and how many more there are (for the model's error messages)."""
     lines = [f"  - {item}" for item in items[:_SHOWN]]
     if len(items) > _SHOWN:
         lines.append(f"  ... and {len(items) - _SHOWN} more")
@@ -77,14 +78,14 @@ def check_image_files(paths: Iterable[str | os.PathLike[str]], purpose: str) -> 
     if unreadable:
         problems.append(
             f"{len(unreadable)} file(s) are not readable images (damaged, truncated, or not an image at all); "
-            f"replace or remove them:\n{_quote(unreadable)}"
+            f"replace or remove them:\n{listed(unreadable)}"
         )
     if high_bit_depth:
         problems.append(
             f"{len(high_bit_depth)} file(s) are one-channel images with more than 8 bits per pixel. anomalib reads "
             "images with Pillow's convert('RGB'), which clips such values at 255 instead of scaling them, so the "
             "model would see an almost white image. Convert them to 8 bits first (16-bit: divide by 257; "
-            f"float: scale to 0..255):\n{_quote(high_bit_depth)}"
+            f"float: scale to 0..255):\n{listed(high_bit_depth)}"
         )
     if problems:
         msg = f"cannot use the {purpose} images:\n" + "\n".join(problems)
