@@ -62,7 +62,7 @@ def parse_arguments() -> argparse.Namespace:
 
 
 def build_model(backbone: str) -> ConTNetPaDiM:
-    """A ConTNet variant at the paper's defaults with random weights, or EfficientNet-Lite0 with its ImageNet weights."""
+    """A ConTNet variant with random weights at the paper's defaults, or EfficientNet-Lite0 with ImageNet weights."""
     if backbone == "efficientnet_lite0":
         from anomalib_contnet.pretrained import prepare_offline_efficientnet_lite0  # noqa: PLC0415
 
