@@ -167,15 +167,14 @@ def main() -> None:
             100 * float((actual["pred_mask"] != eager["pred_mask"]).mean()),
             roc_auc_score(labels, actual["pred_score"].ravel()),
             roc_auc_score(masks.ravel(), actual["anomaly_map"][:, 0].ravel()),
-            *[
-                value
-                for batch in (1, 8)
-                for value in (rates[name, batch], rates[name, batch] / rates["eager PyTorch", batch])
-            ],
+            rates[name, 1],
+            rates[name, 1] / rates["eager PyTorch", 1],
+            rates[name, 8],
+            rates[name, 8] / rates["eager PyTorch", 8],
         ]
         for name, actual in outputs.items()
     ]
-    default_hint = ov.Core().compile_model(paths["FP32"], "CPU").get_property("INFERENCE_PRECISION_HINT")
+    default_hint = ov.Core().compile_model(paths["FP32"], "CPU").get_property("INFERENCE_PRECISION_HINT").to_string()
     dimensions = model.model.embedding_dim
     print(f"\n{arguments.backbone}, {dimensions} dimensions, {len(labels)} test images ({labels.sum()} defective)")
     print(f"the CPU default hint here is {default_hint}")
