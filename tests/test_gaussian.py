@@ -53,7 +53,8 @@ def test_distances_match_a_float64_reference_on_both_sides_of_the_switch(count: 
     train, test = features(count, seed=count), features(9, seed=1000 + count) * 1.5 - 25.0
     gaussian = fit_in_batches(train, [5] * (count // 5) + [count % 5])
     assert gaussian.basis.shape == (6, DIMS, min(count - 1, DIMS))
-    np.testing.assert_allclose(gaussian(test).squeeze(1).double().numpy(), reference_distances(train, test, 0.01), rtol=1e-4)
+    expected = reference_distances(train, test, 0.01)
+    np.testing.assert_allclose(gaussian(test).squeeze(1).double().numpy(), expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("count", [10, DIMS + 10])
@@ -63,7 +64,8 @@ def test_a_residual_almost_inside_the_span_of_the_samples_keeps_its_precision(co
     nudge = torch.randn(count, DIMS, 2, 3, generator=torch.Generator().manual_seed(8)) * 1e-3
     test = train + nudge
     gaussian = fit_in_batches(train, [count], epsilon=0.01)
-    np.testing.assert_allclose(gaussian(test).squeeze(1).double().numpy(), reference_distances(train, test, 0.01), rtol=1e-4)
+    expected = reference_distances(train, test, 0.01)
+    np.testing.assert_allclose(gaussian(test).squeeze(1).double().numpy(), expected, rtol=1e-4)
 
 
 @settings(max_examples=20, deadline=None)

@@ -251,7 +251,7 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         finally:
             self._moments = None
         if moments is None:
-            msg = "fitting the Gaussian needs at least 1 training image, got none. Add normal images to the training set."
+            msg = "fitting needs at least 1 training image, got none: add normal images to the training data"
             raise ValueError(msg)
         count, dims = moments.count, moments.dims
         rank = min(count - 1, dims)
