@@ -1,8 +1,10 @@
-"""The streaming Gaussian against a float64 NumPy reference of Eq. 2 and Eq. 3 of the paper."""
+"""The streaming Gaussian against a float64 reference of Eq. 2 and Eq. 3 of the paper, in both of its forms."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,87 +12,144 @@ from hypothesis import strategies as st
 
 from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
 
+DIMS = 24
 
-def reference_distances(train: np.ndarray, test: np.ndarray, epsilon: float) -> np.ndarray:
-    """Eq. 2 (unbiased covariance + εI per position) and Eq. 3 (Mahalanobis distance), position by position."""
-    _, dims, height, width = train.shape
-    out = np.zeros((test.shape[0], height, width))
-    for row in range(height):
-        for col in range(width):
-            samples = train[:, :, row, col]
-            mean = samples.mean(axis=0)
-            centered = samples - mean
-            covariance = centered.T @ centered / (len(samples) - 1) + epsilon * np.eye(dims)
-            precision = np.linalg.inv(covariance)
-            delta = test[:, :, row, col] - mean
-            out[:, row, col] = np.sqrt(np.einsum("bi,ij,bj->b", delta, precision, delta))
-    return out
+pytestmark = pytest.mark.filterwarnings("ignore:.*training image")
 
 
-def fit_in_batches(features: torch.Tensor, split: list[int], epsilon: float = 0.01) -> StreamingGaussian:
+def reference_distances(train: torch.Tensor, test: torch.Tensor, epsilon: float) -> np.ndarray:
+    """Eq. 2 (unbiased covariance + εI per position) and Eq. 3 (Mahalanobis distance) in float64, by solving."""
+    count, dims = train.shape[:2]
+    samples = train.double().flatten(2).permute(2, 0, 1)  # (P, N, D)
+    queries = test.double().flatten(2).permute(2, 0, 1)
+    mean = samples.mean(dim=1, keepdim=True)
+    centred = samples - mean
+    scatter = centred.mT @ centred if count > 1 else torch.zeros(samples.shape[0], dims, dims, dtype=torch.float64)
+    covariance = scatter / max(count - 1, 1) + epsilon * torch.eye(dims, dtype=torch.float64)
+    residual = queries - mean
+    squared = (residual * torch.linalg.solve(covariance, residual.mT).mT).sum(-1)
+    return squared.sqrt().T.reshape(test.shape[0], *test.shape[2:]).numpy()
+
+
+def features(count: int, seed: int, dims: int = DIMS, scale: float = 3.0) -> torch.Tensor:
+    """(count, dims, 2, 3) features with unequal variances, correlated channels and a large offset."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dims, dims, generator=generator) / dims**0.5
+    spread = torch.logspace(-1, 0, dims) * scale
+    raw = torch.randn(count, 2, 3, dims, generator=generator) * spread
+    return (raw @ mixing).permute(0, 3, 1, 2).contiguous() + 50.0
+
+
+def fit_in_batches(train: torch.Tensor, split: list[int], epsilon: float = 0.01) -> StreamingGaussian:
     gaussian = StreamingGaussian(epsilon)
-    for chunk in torch.split(features, split):
+    for chunk in torch.split(train, split):
         gaussian.update(chunk)
     gaussian.fit()
     return gaussian
 
 
-@pytest.mark.parametrize(("count", "dims", "epsilon"), [(40, 6, 0.01), (5, 12, 0.01), (30, 8, 0.5)])
-def test_distances_match_numpy_reference(count: int, dims: int, epsilon: float) -> None:
-    generator = torch.Generator().manual_seed(count * dims)
-    scale = torch.linspace(0.5, 3.0, dims).reshape(1, dims, 1, 1)
-    train = torch.randn(count, dims, 3, 4, generator=generator) * scale + 2.0
-    test = torch.randn(7, dims, 3, 4, generator=generator) * scale * 1.5 + 2.0
-    gaussian = fit_in_batches(train, [count], epsilon)
-
-    expected = reference_distances(train.double().numpy(), test.double().numpy(), epsilon)
-    actual = gaussian(test).squeeze(1).double().numpy()
-    np.testing.assert_allclose(actual, expected, rtol=1e-5)
+@pytest.mark.parametrize("count", [1, 2, 5, DIMS - 1, DIMS, DIMS + 1, DIMS + 2, DIMS + 100])
+def test_distances_match_a_float64_reference_on_both_sides_of_the_switch(count: int) -> None:
+    train, test = features(count, seed=count), features(9, seed=1000 + count) * 1.5 - 25.0
+    gaussian = fit_in_batches(train, [5] * (count // 5) + [count % 5])
+    assert gaussian.basis.shape == (6, DIMS, min(count - 1, DIMS))
+    expected = reference_distances(train, test, 0.01)
+    np.testing.assert_allclose(gaussian(test).squeeze(1).double().numpy(), expected, rtol=1e-4)
 
 
-def test_fitted_covariance_is_eq2() -> None:
-    features = torch.randn(25, 5, 2, 2, generator=torch.Generator().manual_seed(3)) + 10.0
-    gaussian = fit_in_batches(features, [25], epsilon=0.1)
-    samples = features.double().permute(2, 3, 0, 1).reshape(4, 25, 5).numpy()
-    for position in range(4):
-        expected = np.cov(samples[position], rowvar=False, ddof=1) + 0.1 * np.eye(5)
-        np.testing.assert_allclose(gaussian.covariance()[position].numpy(), expected, rtol=1e-5)
+@pytest.mark.parametrize("count", [10, DIMS + 10])
+def test_a_residual_almost_inside_the_span_of_the_samples_keeps_its_precision(count: int) -> None:
+    """Training samples nudged off their span: |r|² and its projection nearly cancel, the distance must not."""
+    train = features(count, seed=7, scale=30.0)  # variances up to 900: about 1e5 times epsilon
+    nudge = torch.randn(count, DIMS, 2, 3, generator=torch.Generator().manual_seed(8)) * 1e-3
+    test = train + nudge
+    gaussian = fit_in_batches(train, [count], epsilon=0.01)
+    expected = reference_distances(train, test, 0.01)
+    np.testing.assert_allclose(gaussian(test).squeeze(1).double().numpy(), expected, rtol=1e-4)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(sizes=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=8))
 def test_streaming_fit_equals_one_shot_for_any_split(sizes: list[int]) -> None:
-    total = max(sum(sizes), 2)
-    sizes = sizes if sum(sizes) >= 2 else [*sizes, 2 - sum(sizes)]
-    features = torch.randn(total, 6, 2, 3, generator=torch.Generator().manual_seed(total)) * 4.0 + 100.0
-    one_shot = fit_in_batches(features, [total])
-    streamed = fit_in_batches(features, sizes)
+    train, test = features(sum(sizes), seed=sum(sizes), dims=6), features(4, seed=99, dims=6)
+    one_shot = fit_in_batches(train, [sum(sizes)])
+    streamed = fit_in_batches(train, sizes)
     torch.testing.assert_close(streamed.mean, one_shot.mean, rtol=1e-6, atol=0)
-    torch.testing.assert_close(streamed.precision_factor, one_shot.precision_factor, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(streamed(test), one_shot(test), rtol=1e-5, atol=0)
 
 
-def test_accumulators_are_freed_after_fit() -> None:
-    gaussian = fit_in_batches(torch.randn(6, 4, 2, 2), [3, 3])
-    assert gaussian.count == 0
-    assert gaussian.is_fitted
-    assert set(gaussian.state_dict()) == {"mean", "precision_factor"}
+@pytest.mark.parametrize(("first", "second"), [(1, 7), (12, 8), (DIMS - 3, 10), (DIMS + 20, 15)])
+def test_continuing_a_fit_gives_one_fit_on_all_images(first: int, second: int) -> None:
+    train, test = features(first + second, seed=first), features(9, seed=3)
+    continued = fit_in_batches(train[:first], [first])
+    continued.reset_statistics(continue_from_fit=True)
+    continued.update(train[first:])
+    continued.fit()
+    together = fit_in_batches(train, [first + second])
+    assert int(continued.count) == first + second
+    torch.testing.assert_close(continued.mean, together.mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(continued(test), together(test), rtol=1e-5, atol=0)
 
 
-def test_single_image_is_refused_with_explanation() -> None:
-    gaussian = StreamingGaussian()
-    gaussian.update(torch.randn(1, 4, 2, 2))
-    with pytest.raises(ValueError, match="at least 2 training images"):
+def test_a_second_fit_without_continuing_forgets_the_first() -> None:
+    gaussian = fit_in_batches(features(10, seed=1), [10])
+    gaussian.reset_statistics()
+    gaussian.update(features(6, seed=2))
+    gaussian.fit()
+    fresh = fit_in_batches(features(6, seed=2), [6])
+    assert int(gaussian.count) == 6
+    torch.testing.assert_close(gaussian(features(3, seed=4)), fresh(features(3, seed=4)), rtol=0, atol=0)
+
+
+def test_one_image_gives_scaled_euclidean_distances_and_says_so() -> None:
+    train, test = features(1, seed=0), features(3, seed=1)
+    gaussian = StreamingGaussian(epsilon=0.04)
+    gaussian.update(train)
+    with pytest.warns(UserWarning, match="1 training image: the covariance is epsilon"):
         gaussian.fit()
+    euclidean = (test - train).norm(dim=1, keepdim=True) / 0.2
+    torch.testing.assert_close(gaussian(test), euclidean, rtol=1e-5, atol=0)
 
 
-def test_fewer_images_than_dimensions_warns_and_still_fits() -> None:
+@pytest.mark.parametrize("count", [2, 4, 8, 16])
+def test_few_images_fit_with_finite_scores_and_a_warning(count: int) -> None:
     gaussian = StreamingGaussian()
-    gaussian.update(torch.randn(3, 16, 2, 2))
-    with pytest.warns(UserWarning, match="3 training images for 16 feature dimensions"):
+    gaussian.update(features(count, seed=count))
+    with pytest.warns(UserWarning, match=f"{count} training images for {DIMS} feature dimensions"):
         gaussian.fit()
-    assert torch.isfinite(gaussian(torch.randn(2, 16, 2, 2))).all()
+    assert torch.isfinite(gaussian(features(2, seed=0))).all()
+
+
+def test_no_image_is_refused_with_explanation() -> None:
+    with pytest.raises(ValueError, match="needs at least 1 training image"):
+        StreamingGaussian().fit()
+
+
+def test_state_holds_only_what_inference_and_continuing_need() -> None:
+    gaussian = fit_in_batches(features(10, seed=1), [4, 6])
+    assert gaussian.samples_seen == 0
+    assert {name: tuple(value.shape) for name, value in gaussian.state_dict().items()} == {
+        "mean": (6, DIMS),
+        "basis": (6, DIMS, 9),
+        "variances": (6, 9),
+        "count": (),
+    }
 
 
 def test_non_positive_epsilon_is_refused() -> None:
     with pytest.raises(ValueError, match="epsilon must be positive"):
         StreamingGaussian(epsilon=0.0)
+
+
+@pytest.mark.parametrize("count", [12, DIMS + 30])
+def test_onnx_export_computes_the_same_and_holds_the_basis_once(count: int, tmp_path) -> None:
+    gaussian = fit_in_batches(features(count, seed=count), [count]).eval()
+    test = features(5, seed=5)
+    batch = torch.export.Dim("batch")
+    path = tmp_path / "gaussian.onnx"
+    torch.onnx.export(gaussian, (test[:2],), str(path), dynamo=True, dynamic_shapes=({0: batch},))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (exported,) = session.run(None, {session.get_inputs()[0].name: test.numpy()})
+    np.testing.assert_allclose(exported, gaussian(test).numpy(), rtol=1e-5)
+    stored = sum(np.prod(init.dims) * 4 for init in onnx.load(str(path)).graph.initializer)
+    assert gaussian.basis.nbytes <= stored < 1.2 * gaussian.basis.nbytes + gaussian.mean.nbytes

@@ -1,101 +1,50 @@
-"""Per-position multivariate Gaussians fitted from a stream of feature batches.
+"""Per-position multivariate Gaussians at their exact minimal size, fitted from a stream of feature batches.
 
-anomalib's Padim keeps every training embedding until the end of the epoch and
-then loops over patch positions in Python. Here training samples are reduced to
-float64 sums about a fixed reference point (the first batch's mean) as they
-arrive, so memory does not grow with the number of training images and any split
-into batches (or processes) gives the same Gaussian up to rounding. Samples are
-gathered into a small buffer and added to the scatter matrices with one in-place
-matrix product per :data:`SAMPLES_PER_UPDATE` samples, whatever the batch size:
-the (positions, D, D) accumulator is read and written rarely, and no temporary of
-its size is ever made.
+The regularised covariance of ``N`` training samples in ``D`` dimensions is
+``Σ = εI + U diag(λ) Uᵀ`` with ``U`` the ``K = min(N - 1, D)`` principal directions of
+the samples (orthonormal columns) and ``λ`` their variances: the sample covariance has
+rank ``N - 1`` at most. Storing ``U`` and ``λ`` takes ``D·K`` values per position
+instead of a ``D x D`` matrix: for ConTNet-B (D = 1536) and the 60-391 training images
+of an MVTec AD category, 4-25 % of a full matrix.
 
-After fitting, only what inference needs is kept: the mean and an upper-triangular
-factor ``F`` of the precision matrix (``inv(Σ) = F Fᵀ``, from a Cholesky
-decomposition per position). The squared Mahalanobis distance is then
-``‖(x - μ) F‖²``: a sum of squares, never negative.
+The squared Mahalanobis distance of a residual ``r = x - μ`` is a sum of squares,
+never negative and free of cancellation:
 
-``F`` is stored packed (see :func:`unpack_factor`): column block ``j`` of ``F`` has
-non-zeros only in the rows above its last column, so only those rows are kept,
-one slab per block. That keeps 54 % of the full matrices at 1536 dimensions, in
-storage and in the bytes read per prediction (the Mahalanobis step reads the whole
-factor for every batch and is memory-bound), and each slab is used as it is by one
-batched matrix product, in the exported graph too: nothing is unpacked, so no
-second copy of the factor appears anywhere. ``factor_dtype="float16"`` halves the
-stored bytes again; the factor is widened to float32 before use (see
-:meth:`StreamingGaussian._compute_factor`), so arithmetic stays float32.
+    d² = ‖r - U (a ⊙ Uᵀr)‖² / ε   with   a = 1 - sqrt(ε / (λ + ε)),
+
+because ``(I - U diag(a) Uᵀ) / sqrt(ε)`` is the symmetric square root of ``inv(Σ)``
+(Woodbury; ``r`` outside the span of ``U`` is measured by ``ε`` alone). With a full
+basis (``K = D``) the residual outside the span is zero and one product suffices:
+``d² = Σ_k (u_kᵀr)² / (λ_k + ε)``. One training image gives ``K = 0``: ``Σ = εI``,
+a Euclidean distance to that image scaled by ``1/sqrt(ε)``.
+
+Fitting streams: every batch is reduced to its count, mean and centred samples, and
+groups are merged with Chan's update (the scatter of a union is the scatters plus
+``n₁n₂/n · δδᵀ`` for the difference ``δ`` of the means). While there are fewer
+centred rows than dimensions the rows themselves are kept (float64), afterwards their
+``D x D`` scatter matrix, so fit memory never exceeds either form and stays flat in
+``N`` beyond the switch. The same merge adds new images to a fitted model
+(``continue_from_fit``: its principal directions scaled by ``sqrt(λ(N - 1))`` are rows
+with exactly its scatter) and combines the statistics of distributed processes.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
-import weakref
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from anomalib.models.components import DynamicBufferMixin
 from torch import distributed, nn
 
-__all__ = [
-    "FACTOR_BLOCK_WIDTH",
-    "StreamingGaussian",
-    "packed_factor_size",
-    "unpack_factor",
-]
-
-FACTOR_BLOCK_WIDTH = 128
-"""Columns per slab of the packed factor. Part of the saved format: changing it changes what checkpoints mean.
-
-Slabs keep ``(k + 1) / 2k`` of the full matrix for ``k`` blocks (54 % at 1536
-dimensions). Narrower blocks save a little more storage but multiply the small
-matrix products: at batch 1 (49 positions, 1536 dimensions), 64 columns ran 15-20 % slower
-than 128 on one thread of the development machine, 256 no faster than 128.
-"""
-
-SOLVE_WIDTH = 2 * FACTOR_BLOCK_WIDTH
-"""Columns of the triangular inverse solved at once while fitting (a multiple of the block width)."""
-
-SAMPLES_PER_UPDATE = 64
-"""Centred samples gathered before they are added to the scatter matrices in one matrix product."""
-
-FACTOR_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
-"""Storage types accepted for the precision factor."""
+__all__ = ["StreamingGaussian"]
 
 
 def _positions_first(embedding: torch.Tensor) -> torch.Tensor:
     """(B, D, H, W) -> (H*W, B, D): one row of samples per patch position (a view, no copy)."""
     batch, channels = embedding.shape[:2]
     return embedding.reshape(batch, channels, -1).permute(2, 0, 1)
-
-
-def _column_blocks(dims: int) -> list[tuple[int, int]]:
-    """(first, end) column of every block of the packed factor."""
-    return [(first, min(first + FACTOR_BLOCK_WIDTH, dims)) for first in range(0, dims, FACTOR_BLOCK_WIDTH)]
-
-
-def packed_factor_size(positions: int, dims: int) -> int:
-    """Number of values the packed upper-triangular factor of ``positions`` (dims x dims) matrices holds."""
-    return positions * sum(end * (end - first) for first, end in _column_blocks(dims))
-
-
-def _slabs(packed: torch.Tensor, positions: int, dims: int) -> list[tuple[int, torch.Tensor]]:
-    """(rows, slab view of shape (positions, rows, block width)) for every column block of a packed factor."""
-    slabs = []
-    offset = 0
-    for first, end in _column_blocks(dims):
-        size = positions * end * (end - first)
-        slabs.append((end, packed[offset : offset + size].view(positions, end, end - first)))
-        offset += size
-    return slabs
-
-
-def unpack_factor(packed: torch.Tensor, positions: int, dims: int) -> torch.Tensor:
-    """Rebuild the full (P, D, D) upper-triangular matrices from the packed layout (for inspection and tests)."""
-    factor = packed.new_zeros(positions, dims, dims)
-    for (first, end), (_, slab) in zip(_column_blocks(dims), _slabs(packed, positions, dims), strict=True):
-        factor[:, :end, first:end] = slab
-    return factor.triu()
 
 
 def _warn_each_time(message: str, stacklevel: int = 2) -> None:
@@ -121,257 +70,213 @@ def _warn_each_time(message: str, stacklevel: int = 2) -> None:
     )
 
 
+@dataclass
+class _Moments:
+    """Count, mean and scatter about the mean of a group of samples, per position, in float64.
+
+    The scatter is held as rows ``R`` (P, m, D) with ``Σ RᵀR`` equal to it while
+    ``m <= D``, else as the matrix itself (P, D, D): whichever is smaller.
+    """
+
+    count: int
+    mean: torch.Tensor
+    rows: torch.Tensor | None = None
+    matrix: torch.Tensor | None = None
+
+    @classmethod
+    def of_batch(cls, samples: torch.Tensor) -> _Moments:
+        """The moments of (P, B, D) samples."""
+        samples = samples.double()
+        mean = samples.mean(dim=1)
+        return cls(samples.shape[1], mean, rows=samples - mean.unsqueeze(1))
+
+    @property
+    def dims(self) -> int:
+        return self.mean.shape[-1]
+
+    def scatter_matrix(self) -> torch.Tensor:
+        """The (P, D, D) scatter; built from the rows when held as rows."""
+        return self.matrix if self.matrix is not None else self.rows.transpose(1, 2) @ self.rows
+
+    def merged(self, other: _Moments) -> _Moments:
+        """The moments of the union of both groups (Chan et al.'s pairwise update), exact in exact arithmetic."""
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        shift = delta * (self.count * other.count / count) ** 0.5  # one row carrying the means' difference
+        if self.matrix is None and other.matrix is None and self.rows.shape[1] + other.rows.shape[1] < self.dims:
+            return _Moments(count, mean, rows=torch.cat([self.rows, other.rows, shift.unsqueeze(1)], dim=1))
+        matrix = self.scatter_matrix()  # a new tensor from rows; the matrix itself is updated in place
+        matrix += other.scatter_matrix()
+        matrix.baddbmm_(shift.unsqueeze(2), shift.unsqueeze(1))
+        return _Moments(count, mean, matrix=matrix)
+
+    def principal_directions(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``rank`` leading eigenvectors (P, D, rank) and eigenvalues (P, rank) of the scatter.
+
+        From rows ``R`` the eigenvectors come from the small (m x m) Gram matrix:
+        ``R Rᵀ = V Λ Vᵀ`` gives ``U = Rᵀ V Λ^-½``. Directions with a vanishing eigenvalue
+        get a zero vector (and eigenvalue 0), which the distance then ignores.
+        """
+        if self.matrix is not None:
+            values, vectors = torch.linalg.eigh(self.matrix)  # ascending
+            return vectors.flip(-1)[..., :rank], values.flip(-1)[..., :rank].clamp_min(0)
+        values, vectors = torch.linalg.eigh(self.rows @ self.rows.transpose(1, 2))
+        values, vectors = values.flip(-1)[..., :rank], vectors.flip(-1)[..., :rank]
+        negligible = values <= values[..., :1] * values.shape[-1] * torch.finfo(values.dtype).eps
+        values = values.masked_fill(negligible, 0)
+        directions = self.rows.transpose(1, 2) @ vectors * values.masked_fill(negligible, 1).rsqrt().unsqueeze(1)
+        return directions.masked_fill(negligible.unsqueeze(1), 0), values
+
+
 class StreamingGaussian(DynamicBufferMixin, nn.Module):
     """Gaussian per patch position, ``N(μ, Σ + εI)`` with the unbiased covariance (Eq. 2 of the paper).
+
+    Saved state: ``mean`` (P, D), ``basis`` (P, D, K) and ``variances`` (P, K) with
+    ``K = min(N - 1, D)``, and ``count`` (N, needed to continue a fit exactly).
 
     Args:
         epsilon: regulariser added to the covariance diagonal. With more feature
             dimensions than training images the covariance is singular and this
             value decides much of the result; 0.01 is PaDiM's choice.
-        factor_dtype: storage type of the precision factor, ``"float32"`` or
-            ``"float16"`` (half the size; distances then differ from float32 storage
-            by rounding of the factor, about 1e-4 relative). Arithmetic is float32 either way.
     """
 
-    def __init__(self, epsilon: float = 0.01, factor_dtype: str = "float32") -> None:
+    def __init__(self, epsilon: float = 0.01) -> None:
         super().__init__()
         if not epsilon > 0:
             msg = f"epsilon must be positive (it makes the covariance invertible), got {epsilon}"
             raise ValueError(msg)
-        if factor_dtype not in FACTOR_DTYPES:
-            msg = f"factor_dtype must be one of {sorted(FACTOR_DTYPES)}, got {factor_dtype!r}"
-            raise ValueError(msg)
         self.epsilon = float(epsilon)
-        self.factor_dtype = factor_dtype
         self.register_buffer("mean", torch.empty(0))
-        self.register_buffer("precision_factor", torch.empty(0, dtype=FACTOR_DTYPES[factor_dtype]))
+        self.register_buffer("basis", torch.empty(0))
+        self.register_buffer("variances", torch.empty(0))
+        self.register_buffer("count", torch.tensor(0))
         self.mean: torch.Tensor
-        self.precision_factor: torch.Tensor
-        self._widened_factor: torch.Tensor | None = None
-        self._widened_from: tuple[weakref.ref, int] | None = None
-        self.reset_statistics()
+        self.basis: torch.Tensor
+        self.variances: torch.Tensor
+        self.count: torch.Tensor
+        self._moments: _Moments | None = None
 
     # ----------------------------------------------------------------- fitting
-    def reset_statistics(self) -> None:
-        """Forget accumulated training statistics (the fitted parameters stay)."""
-        self.count = 0
-        self._reference: torch.Tensor | None = None  # (P, D) float64, the point samples are centred on
-        self._centred_sum: torch.Tensor | None = None  # (P, D) float64, Σ (x - reference)
-        self._scatter: torch.Tensor | None = None  # (P, D, D) float64, Σ (x - reference)(x - reference)ᵀ
-        self._pending: torch.Tensor | None = None  # (P, SAMPLES_PER_UPDATE, D) float64 centred samples
-        self._pending_count = 0
+    @property
+    def samples_seen(self) -> int:
+        """Samples accumulated since the last :meth:`reset_statistics`, the continued fit's included."""
+        return 0 if self._moments is None else self._moments.count
+
+    def reset_statistics(self, continue_from_fit: bool = False) -> None:
+        """Start accumulating anew: from no samples, or (``continue_from_fit``) from the fitted Gaussians.
+
+        Continuing turns the fitted state back into exact moments (rows
+        ``sqrt(λ(N - 1)) u`` have the fitted scatter), so a later :meth:`fit` gives the
+        Gaussians of one fit on the earlier and the new images together.
+        """
+        self._moments = None
+        if continue_from_fit and self.is_fitted:
+            rows = (self.basis.double() * (self.variances.double() * (int(self.count) - 1)).sqrt().unsqueeze(1)).mT
+            moments = _Moments(int(self.count), self.mean.double(), rows=rows.contiguous())
+            if rows.shape[1] >= self.mean.shape[-1]:
+                moments = _Moments(moments.count, moments.mean, matrix=moments.scatter_matrix())
+            self._moments = moments
 
     @torch.no_grad()
     def update(self, embedding: torch.Tensor) -> None:
         """Add a batch of embeddings (B, D, H, W) to the running statistics."""
         if embedding.shape[0] == 0:
             return
-        samples = _positions_first(embedding)
-        if self._reference is None:
-            self._start_accumulators(samples)
-        elif samples.shape[0] != self._reference.shape[0] or samples.shape[2] != self._reference.shape[1]:
+        batch = _Moments.of_batch(_positions_first(embedding))
+        if self._moments is not None and self._moments.mean.shape != batch.mean.shape:
             msg = (
-                f"feature shape changed during fitting: {(samples.shape[0], samples.shape[2])} vs "
-                f"{tuple(self._reference.shape)} (positions, dims); every training image must have the same size "
-                "after pre-processing"
+                f"feature shape changed during fitting: {tuple(batch.mean.shape)} vs {tuple(self._moments.mean.shape)} "
+                "(positions, dims); every training image must have the same size after pre-processing, and a "
+                "continued fit the image size and features of the first"
             )
             raise ValueError(msg)
-        pending, reference = self._pending, self._reference
-        taken = 0
-        while taken < samples.shape[1]:
-            room = min(SAMPLES_PER_UPDATE - self._pending_count, samples.shape[1] - taken)
-            window = pending[:, self._pending_count : self._pending_count + room]
-            window.copy_(samples[:, taken : taken + room])
-            window.sub_(reference.unsqueeze(1))
-            self._pending_count += room
-            taken += room
-            if self._pending_count == SAMPLES_PER_UPDATE:
-                self._add_pending()
-        self.count += samples.shape[1]
+        self._moments = batch if self._moments is None else self._moments.merged(batch)
 
-    def _start_accumulators(self, samples: torch.Tensor) -> None:
-        """Allocate the accumulators; the first batch's mean becomes the reference point.
+    def _merge_across_processes(self) -> _Moments | None:
+        """The moments of all distributed processes (DDP) together, on every process; None without samples.
 
-        Centring on a point near the mean keeps the float64 sums free of the
-        cancellation that plain sums of squares suffer when features have a large offset.
+        Every process gathers every other one's count, mean and scatter (rows padded
+        with zero rows to a common number, which adds nothing) and merges them in rank
+        order, so all end with the same Gaussians, those of one process fitted on all
+        images. A process that saw no real sample (only DistributedSampler padding,
+        e.g. 3 images on 4 processes) takes part with a count of zero.
         """
-        positions, _, dims = samples.shape
-        options = {"dtype": torch.float64, "device": samples.device}
-        self._reference = samples.mean(dim=1, dtype=torch.float64)
-        self._centred_sum = torch.zeros(positions, dims, **options)
-        self._scatter = torch.zeros(positions, dims, dims, **options)
-        self._pending = torch.empty(positions, SAMPLES_PER_UPDATE, dims, **options)
-
-    def _add_pending(self) -> None:
-        """Add the buffered centred samples to the sums, in place."""
-        if self._pending is None or self._centred_sum is None or self._scatter is None or not self._pending_count:
-            return
-        block = self._pending[:, : self._pending_count]
-        self._centred_sum += block.sum(dim=1)
-        self._scatter.baddbmm_(block.transpose(1, 2), block)
-        self._pending_count = 0
-
-    def _mean_and_scatter(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Mean (P, D) and scatter about the mean (P, D, D) in float64, or None before any sample.
-
-        The scatter is moved from the reference point to the mean in place
-        (``S - n·d·dᵀ`` with ``d`` the mean offset), so no second (P, D, D) array is made.
-        """
-        self._add_pending()
-        if self._reference is None or self._centred_sum is None or self._scatter is None:
-            return None
-        offset = self._centred_sum / self.count
-        self._scatter.baddbmm_(offset.unsqueeze(2), offset.unsqueeze(1), alpha=-self.count)
-        return self._reference + offset, self._scatter
-
-    def _merge_across_processes(
-        self, statistics: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Combine the statistics of all distributed processes (DDP); every process gets those of all samples.
-
-        The processes first agree on the total count and the statistics' shape. A
-        process that saw no real sample (it got only DistributedSampler padding,
-        e.g. 3 images on 4 processes) joins with zeros, so every process fits the
-        Gaussians one process would fit on all the images. When all processes
-        together saw fewer than 2 samples, every one of them returns None (and
-        :meth:`_fit_from_statistics` raises the same error on each).
-        """
+        moments = self._moments
         if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
-            return statistics
+            return moments
         device = self.mean.device  # where the module lives: a device the process group can use
-        local_count = self.count
-        positions, dims = statistics[1].shape[:2] if statistics is not None else (0, 0)
-        count = torch.tensor([float(local_count)], dtype=torch.float64, device=device)
-        shape = torch.tensor([float(positions), float(dims)], dtype=torch.float64, device=device)
-        distributed.all_reduce(count)
-        distributed.all_reduce(shape, op=distributed.ReduceOp.MAX)
-        self.count = int(count.item())
-        if self.count < 2:
+        local = [0.0, 0.0, 0.0, 0.0]  # count, positions, dims, rows (-1: held as a matrix)
+        if moments is not None:
+            rows = -1 if moments.rows is None else moments.rows.shape[1]
+            local = [float(moments.count), *map(float, moments.mean.shape), float(rows)]
+        table = torch.tensor(local, dtype=torch.float64, device=device)
+        gathered = [torch.empty_like(table) for _ in range(distributed.get_world_size())]
+        distributed.all_gather(gathered, table)
+        sizes = torch.stack(gathered).cpu()
+        if sizes[:, 0].sum() == 0:
             return None
-        positions, dims = int(shape[0].item()), int(shape[1].item())
-        if statistics is None:
-            options = {"dtype": torch.float64, "device": device}
-            statistics = torch.zeros(positions, dims, **options), torch.zeros(positions, dims, dims, **options)
-        mean, scatter = statistics
-        weighted_sum = mean * local_count
-        distributed.all_reduce(weighted_sum)
-        global_mean = weighted_sum / self.count
-        delta = mean - global_mean
-        scatter.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=local_count)
-        distributed.all_reduce(scatter)
-        return global_mean, scatter
+        positions, dims = int(sizes[:, 1].max()), int(sizes[:, 2].max())
+        as_matrix = bool((sizes[:, 3] < 0).any()) or int(sizes[:, 3].clamp_min(0).sum()) >= dims
+        width = dims if as_matrix else int(sizes[:, 3].max())
+        options = {"dtype": torch.float64, "device": device}
+        mean = moments.mean.to(device) if moments is not None else torch.zeros(positions, dims, **options)
+        if as_matrix:
+            payload = moments.scatter_matrix() if moments is not None else torch.zeros(positions, dims, dims, **options)
+        else:
+            payload = torch.zeros(positions, width, dims, **options)
+            if moments is not None:
+                payload[:, : moments.rows.shape[1]] = moments.rows
+        means = [torch.empty_like(mean) for _ in gathered]
+        payloads = [torch.empty_like(payload) for _ in gathered]
+        distributed.all_gather(means, mean)
+        distributed.all_gather(payloads, payload.to(device))
+        merged = None
+        for size, group_mean, group_payload in zip(sizes, means, payloads, strict=True):
+            if size[0] == 0:
+                continue
+            group = _Moments(int(size[0]), group_mean, **{"matrix" if as_matrix else "rows": group_payload})
+            merged = group if merged is None else merged.merged(group)
+        return merged
 
     @torch.no_grad()
     def fit(self) -> None:
-        """Turn the accumulated statistics into the mean and packed precision factor.
+        """Turn the accumulated statistics into the mean, principal directions and variances.
 
-        The accumulators are consumed (overwritten in place to save memory) and
-        freed, whether fitting succeeds or not; a new fit starts from no samples.
+        The accumulators are freed whether fitting succeeds or not; a new fit starts
+        from no samples unless :meth:`reset_statistics` is asked to continue.
         """
         try:
-            self._fit_from_statistics()
+            moments = self._merge_across_processes()
         finally:
-            self.reset_statistics()
-
-    def _fit_from_statistics(self) -> None:
-        """The work of :meth:`fit`."""
-        statistics = self._merge_across_processes(self._mean_and_scatter())
-        if statistics is None or self.count < 2:
-            msg = (
-                f"fitting the Gaussian needs at least 2 training images, got {self.count}: the covariance of "
-                "a single image is undefined. Add normal images to the training folder."
-            )
+            self._moments = None
+        if moments is None:
+            msg = "fitting needs at least 1 training image, got none: add normal images to the training data"
             raise ValueError(msg)
-        mean, scatter = statistics
-        dims = mean.shape[-1]
-        if self.count - 1 < dims:
-            _warn_each_time(  # once per fit: Python's per-location deduplication would hide it in later fits
-                f"{self.count} training images for {dims} feature dimensions: the sample covariance is singular "
-                f"and only the regulariser epsilon={self.epsilon} makes it invertible, so epsilon strongly "
-                "influences the scores. More training images, or n_features < number of images, reduce this.",
-                stacklevel=4,  # the caller of fit() (past fit and its no_grad wrapper)
+        count, dims = moments.count, moments.dims
+        rank = min(count - 1, dims)
+        if rank < dims:
+            _warn_each_time(self._few_images_message(count, dims), stacklevel=4)  # the caller of fit()
+        directions, eigenvalues = moments.principal_directions(rank)
+        self.mean = moments.mean.float()
+        self.basis = directions.float()
+        self.variances = (eigenvalues / max(count - 1, 1)).float()
+        self.count = torch.tensor(count, device=self.mean.device)
+
+    def _few_images_message(self, count: int, dims: int) -> str:
+        """What the scores mean when there are fewer training images than feature dimensions."""
+        if count == 1:
+            return (
+                f"1 training image: the covariance is epsilon*I (epsilon={self.epsilon}), so the scores are Euclidean "
+                "distances to that image's features divided by sqrt(epsilon); they rank images, but normal variation "
+                "is not modelled. Add normal images for a Gaussian model."
             )
-        self.precision_factor = self._packed_precision_factor(scatter)
-        self.mean = mean.float()
-
-    def _packed_precision_factor(self, scatter: torch.Tensor) -> torch.Tensor:
-        """Cholesky-factorise ``scatter / (n - 1) + εI = L Lᵀ`` position by position and pack ``F = inv(L)ᵀ``.
-
-        ``inv(Σ) = inv(L)ᵀ inv(L) = F Fᵀ``. Columns ``first:end`` of the upper-triangular
-        ``F`` are zero below row ``end``: their transpose solves only the leading
-        ``end x end`` block of ``Y L = I[first:end]``. Solving :data:`SOLVE_WIDTH`
-        columns at a time, the inverse costs about a third of one solve against the
-        whole identity. (The right-hand solve also matters: LAPACK returns its result
-        column-major, which makes ``Y`` transposed exactly the row-major slab, while
-        copying a column-major ``F`` into slabs cost more than the factorisation.) One
-        position at a time keeps the float64 temporaries at two (D, D) matrices; the
-        scatter itself is overwritten by the covariance.
-        """
-        positions, dims, _ = scatter.shape
-        identity = torch.eye(dims, dtype=scatter.dtype, device=scatter.device)
-        packed = torch.empty(
-            packed_factor_size(positions, dims), dtype=FACTOR_DTYPES[self.factor_dtype], device=scatter.device
-        )
-        slabs = list(zip(_column_blocks(dims), _slabs(packed, positions, dims), strict=True))
-        for position in range(positions):
-            covariance = scatter[position].div_(self.count - 1)
-            covariance.diagonal().add_(self.epsilon)
-            lower, info = torch.linalg.cholesky_ex(covariance)
-            if info.item() != 0:
-                raise ValueError(self._factorisation_failure(position, covariance, dims))
-            for solve_first in range(0, dims, SOLVE_WIDTH):
-                solve_end = min(solve_first + SOLVE_WIDTH, dims)
-                columns = torch.linalg.solve_triangular(
-                    lower[:solve_end, :solve_end], identity[solve_first:solve_end, :solve_end], upper=False, left=False
-                ).T
-                for (first, end), (rows, slab) in slabs:
-                    if solve_first <= first < solve_end:
-                        slab[position].copy_(columns[:rows, first - solve_first : end - solve_first])
-        if not bool(torch.isfinite(packed).all()):
-            msg = (
-                f"the precision factor does not fit in {self.factor_dtype} (epsilon={self.epsilon} is too small for "
-                "it); use factor_dtype='float32' or a larger epsilon"
-            )
-            raise ValueError(msg)
-        return packed
-
-    def _factorisation_failure(self, position: int, covariance: torch.Tensor, dims: int) -> str:
-        """Why the regularised covariance at ``position`` could not be factorised, and what to do.
-
-        In exact arithmetic ``Σ + εI`` is positive definite for any ``ε > 0``. It
-        fails in float64 only when ``ε`` is negligible beside the feature variances
-        while the sample covariance is singular or nearly so: fewer images than
-        dimensions, features that are constant or copies of each other, or the same
-        image several times. (NaN/Inf features are refused earlier, per batch.)
-        """
-        largest_variance = float(covariance.diagonal().max()) - self.epsilon
         return (
-            f"the covariance at patch position {position} is not positive definite even with epsilon="
-            f"{self.epsilon:g}, which is negligible beside the largest feature variance there "
-            f"({largest_variance:.3g}). The sample covariance is singular: {self.count} training images for "
-            f"{dims} feature dimensions (a covariance of n images has rank n - 1 at most), or features that are "
-            "constant or copies of each other (identical or blank training images, a backbone giving the same output "
-            "everywhere). Fix: "
-            f"raise epsilon to {max(largest_variance * 1e-6, self.epsilon * 10):.2g} or more (1e-6 of that variance), "
-            "use more and varied normal training images, or keep fewer dimensions than images with n_features."
+            f"{count} training images for {dims} feature dimensions: the Gaussians span only {count - 1} directions, "
+            f"and distances in the other {dims - count + 1} are Euclidean divided by sqrt(epsilon={self.epsilon}), "
+            "so epsilon strongly influences the scores. More training images, or n_features below the number of "
+            "images, reduce this."
         )
-
-    # ------------------------------------------------------------ saved state
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Refuse a saved factor whose size does not fit the saved mean.
-
-        Such a factor would otherwise load and then fail, or mislead, at prediction time.
-        """
-        factor, mean = state_dict.get(prefix + "precision_factor"), state_dict.get(prefix + "mean")
-        if factor is not None and mean is not None and mean.dim() == 2:
-            positions, dims = mean.shape
-            if factor.shape != (packed_factor_size(positions, dims),):
-                msg = (
-                    f"saved precision factor has shape {tuple(factor.shape)}, which does not fit a mean of shape "
-                    f"{tuple(mean.shape)}; the checkpoint is damaged or from an incompatible version: refit the model"
-                )
-                raise ValueError(msg)
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # --------------------------------------------------------------- inference
     @property
@@ -379,54 +284,16 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         """Whether fitted parameters are present (decided by shapes only, so it is export-safe)."""
         return self.mean.numel() > 0
 
-    def factor_matrices(self) -> torch.Tensor:
-        """The precision factor as full (P, D, D) upper-triangular matrices in float64; for inspection and tests."""
-        positions, dims = self.mean.shape
-        return unpack_factor(self.precision_factor.double(), positions, dims)
-
-    def covariance(self) -> torch.Tensor:
-        """The fitted covariance ``Σ + εI`` per position (P, D, D), in float64; for inspection and tests."""
-        factor = self.factor_matrices()
-        return torch.linalg.inv(factor @ factor.transpose(1, 2))
-
-    def _compute_factor(self) -> torch.Tensor:
-        """The packed factor in the arithmetic type (float32).
-
-        A float16 factor is widened once and the copy is kept for later eager
-        calls (the Mahalanobis step is memory-bound, and widening on every call
-        would read and write more bytes than the float32 product saves). Under
-        ``torch.export`` the stored tensor is widened inside the graph (one cast
-        of the whole tensor), so an ONNX file holds the float16 values and not the
-        copy. (OpenVINO's ONNX front end folds that cast into a float32 constant;
-        docs/performance.md has the sizes.)
-        """
-        stored = self.precision_factor
-        if stored.dtype == self.mean.dtype or torch.compiler.is_compiling():
-            return stored.to(self.mean.dtype)
-        # The copy is valid for this very tensor (a weak reference: a refit, load or .to() makes a new one)
-        # at this version (in-place writes, as load_state_dict does into the same storage, bump it).
-        source, version = self._widened_from if self._widened_from is not None else (None, None)
-        if self._widened_factor is None or source is None or source() is not stored or version != stored._version:
-            self._widened_factor = None  # free the stale copy before making the new one
-            self._widened_factor = stored.to(self.mean.dtype)
-            self._widened_from = (weakref.ref(stored), stored._version)
-        return self._widened_factor
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle (TorchInferencer, deepcopy) without the widened float32 copy of a float16 factor."""
-        return {**super().__getstate__(), "_widened_factor": None, "_widened_from": None}
-
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Mahalanobis distance (Eq. 3) of every patch of ``embedding`` (B, D, H, W) -> (B, 1, H, W).
-
-        ``(x - μ) F`` column block by column block: block ``j`` needs only the
-        first ``rows`` entries of ``x - μ``, and its slab is used where it lies.
-        """
-        batch, _, height, width = embedding.shape
-        positions, dims = self.mean.shape
-        delta = (_positions_first(embedding).to(self.mean.dtype) - self.mean.unsqueeze(1)).contiguous()
-        squared = torch.zeros_like(delta[..., 0])
-        for rows, slab in _slabs(self._compute_factor(), positions, dims):
-            whitened = torch.bmm(delta[..., :rows], slab)
-            squared = squared + whitened.square().sum(dim=-1)
+        """Mahalanobis distance (Eq. 3) of every patch of ``embedding`` (B, D, H, W) -> (B, 1, H, W)."""
+        batch, dims, height, width = embedding.shape
+        residual = _positions_first(embedding) - self.mean.unsqueeze(1)  # (P, B, D)
+        projected = torch.bmm(residual, self.basis)  # (P, B, K)
+        if self.basis.shape[-1] == dims:  # full basis: nothing lies outside its span
+            squared = (projected.square() / (self.variances + self.epsilon).unsqueeze(1)).sum(dim=-1)
+        else:
+            shrink = 1 - (self.epsilon / (self.variances + self.epsilon)).sqrt()
+            # basis @ (...)ᵀ transposes activations, not the basis: an exported graph then holds one copy of it
+            whitened = residual - torch.bmm(self.basis, (projected * shrink.unsqueeze(1)).mT).mT
+            squared = whitened.square().sum(dim=-1) / self.epsilon
         return squared.sqrt().transpose(0, 1).reshape(batch, 1, height, width)
