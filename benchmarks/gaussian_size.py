@@ -87,7 +87,8 @@ def fit_memory(counts: list[int], threads: int | None) -> None:
     for count in counts:
         command = [sys.executable, __file__, "--fit-memory-child", str(count), "--threads", str(threads or 1)]
         peak = float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
-        rows.append([count, "rows" if count < DIMS else "scatter", f"{peak:.0f}"])
+        held_rows = count + (count - 1) // 32  # centred samples plus one row per merged batch of 32
+        rows.append([count, "rows" if held_rows < DIMS else "scatter", f"{peak:.0f}"])
         print(markdown_table(["N", "held while fitting", "peak fit MiB"], rows[-1:]), flush=True)
     print("\n## Fit memory of the current Gaussians, 9 positions x 1536 dimensions\n")
     print(markdown_table(["N", "held while fitting", "peak fit MiB"], rows))
