@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 __all__ = [
     "CONTNET_CFGS",
-    "SHORTCUT_LABELS",
-    "SHORTCUT_SPELLINGS",
+    "SHORTCUT_NAMES",
     "STAGE_STRIDES",
     "ConTNetConfig",
+    "is_contnet",
     "list_contnet_variants",
     "shortcut_of_state_dict",
 ]
@@ -24,11 +24,8 @@ __all__ = [
 STAGE_STRIDES: tuple[int, ...] = (2, 2, 2, 1)
 """Stride of the last (widening) block of stages 1..4; only stride-2 blocks differ between the two shortcuts."""
 
-SHORTCUT_LABELS: dict[bool, str] = {True: "avg-down", False: "strided"}
-"""Short names of the two down-sampling shortcuts, keyed by ``avg_down``, for messages and listings."""
-
-SHORTCUT_SPELLINGS: dict[bool, str] = {True: "downsample.conv.conv", False: "downsample.conv"}
-"""How each shortcut's 1x1 projection is spelled in the state_dict keys of the stride-2 blocks."""
+SHORTCUT_NAMES: dict[bool, str] = {True: "avg_down", False: "strided"}
+"""The name of each down-sampling shortcut, keyed by ``avg_down``: in messages, listings and trained checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +104,11 @@ def list_contnet_variants() -> list[str]:
     return sorted(CONTNET_CFGS)
 
 
+def is_contnet(backbone: str) -> bool:
+    """Whether ``backbone`` names one of the ConTNet variants (the backbones with two shortcut networks)."""
+    return backbone in CONTNET_CFGS
+
+
 _SHORTCUT_KEY = re.compile(r"^layer(?P<stage>[1-4])\.ConTBlock\d+\.downsample\.conv\.(?P<pooled>conv\.)?weight$")
 
 
@@ -132,7 +134,7 @@ def shortcut_of_state_dict(state_dict: Iterable[str]) -> bool | None:
             spelled[pooled].append(key)
     if spelled[True] and spelled[False]:
         msg = (
-            f"the checkpoint mixes both shortcut spellings ({spelled[True][0]}: avg-down, "
+            f"the checkpoint mixes both shortcut spellings ({spelled[True][0]}: avg_down, "
             f"{spelled[False][0]}: strided); they belong to two different networks, so no ConTNet can load it. "
             f"The file was edited or assembled from two models: use an original checkpoint."
         )
