@@ -1,20 +1,17 @@
 """ConTNet in timm's model registry, and the loading of its ImageNet weights.
 
-Importing this module registers ``contnet_ti``, ``contnet_s``, ``contnet_m`` and
-``contnet_b`` the way timm's own model files do: a default config per variant
-with the published download (:data:`default_cfgs`), a ``register_model`` entry
-point each, and ``build_model_with_cfg`` with a checkpoint filter. Every anomalib
-model that takes a timm backbone name (Padim, Patchcore, ...) therefore accepts
-``contnet_*``, and ``features_only=True`` names the stages ``layer0`` .. ``layer4``.
+Registering ``contnet_ti/s/m/b`` the way timm's own model files do (default configs
+with the published downloads, ``register_model``, ``build_model_with_cfg``) makes
+every anomalib model that takes a timm backbone name (Padim, Patchcore, ...) accept
+them; ``features_only=True`` names the stages ``layer0`` .. ``layer4``.
 
 ``pretrained=True`` takes the file from the package's lookup
-(:func:`~anomalib_contnet.backbones.weight_files.resolve_weights`: an explicit
-``pretrained_cfg_overlay=dict(file=...)`` or ``url=...``, else
-``$ANOMALIB_CONTNET_WEIGHTS``, the cache, the published URL), never from the
-Hugging Face Hub and never silently random. The file's keys decide which of the
-two shortcut networks is built; timm then reads it once, through its own
-``load_state_dict`` (which opens ``{"model": ...}`` wrappers and drops ``module.``
-prefixes), and the filter checks every key, shape and value before anything loads.
+(:func:`~anomalib_contnet.backbones.weight_files.resolve_weights`, which an explicit
+``pretrained_cfg_overlay=dict(file=...)`` or ``url=...`` overrides), never from the
+Hugging Face Hub and never silently random. The file's keys decide which of the two
+shortcut networks is built; timm then reads it once with its own ``load_state_dict``
+(which opens ``{"model": ...}`` wrappers and drops ``module.`` prefixes), and the
+checkpoint filter checks every key, shape and value before anything loads.
 """
 
 from __future__ import annotations

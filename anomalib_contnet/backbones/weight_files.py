@@ -1,17 +1,14 @@
 """Where the ConTNet ImageNet checkpoints are: the lookup, the cache and the download. Imports no torch.
 
-The anomaly detector is only meaningful with the ImageNet features, so nothing
-here falls back to random weights: when no file can be found,
-:class:`WeightsError` says at once every way to provide one (most machines that
-run inspections are offline). Not importing torch keeps ``anomalib-contnet
-weights list`` instant; the download imports it when it runs.
+The detector is only meaningful with the ImageNet features, so nothing here falls
+back to random weights: when no file can be found, :class:`WeightsError` says at
+once every way to provide one (most inspection machines are offline). Without
+torch at import, ``anomalib-contnet weights list`` answers at once.
 
-:func:`resolve_weights` looks, in this order, and stops at the first source that is set:
-
-1. the explicit ``weights`` argument (a file, a folder holding ``<variant>.pth``, or an http(s) URL);
-2. ``$ANOMALIB_CONTNET_WEIGHTS`` (a file, or a folder holding ``<variant>.pth``);
-3. the cache file :func:`cached_weights_path`;
-4. the published URL of the variant (:data:`PUBLISHED_URLS`), unless an offline switch is set.
+:func:`resolve_weights` takes the first source that is set: the explicit ``weights``
+argument (a file, a folder holding ``<variant>.pth``, or an http(s) URL), then
+``$ANOMALIB_CONTNET_WEIGHTS`` (a file or such a folder), then the cache file
+:func:`cached_weights_path`, then the published URL unless an offline switch is set.
 """
 
 from __future__ import annotations

@@ -11,17 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickletools
 import sys
-import zipfile
 from pathlib import Path
 
-from anomalib_contnet.backbones.contnet_configs import (
-    CONTNET_CFGS,
-    SHORTCUT_NAMES,
-    list_contnet_variants,
-    shortcut_of_state_dict,
-)
+from anomalib_contnet.backbones.contnet_configs import SHORTCUT_NAMES, list_contnet_variants
 from anomalib_contnet.backbones.weight_files import (
     PUBLISHED_URLS,
     WEIGHTS_ENV,
@@ -35,33 +28,6 @@ from anomalib_contnet.backbones.weight_files import (
 ERROR_EXIT_CODE = 2
 
 
-def _strings_in_pickle(path: Path) -> list[str] | None:
-    """The text entries (state_dict keys among them) of a ``torch.save`` zip archive, read without torch.
-
-    The pickle's opcodes are only listed, never executed. None for a file that
-    is not such an archive (the pre-1.6 format, or not a checkpoint).
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            member = next((name for name in archive.namelist() if name.endswith("/data.pkl")), None)
-            data = archive.read(member) if member else b""
-        return [argument for _, argument, _ in pickletools.genops(data) if isinstance(argument, str)] or None
-    except (OSError, zipfile.BadZipFile, ValueError):  # ValueError: a damaged pickle stream
-        return None
-
-
-def _shortcut_of_file(path: Path) -> str:
-    """The shortcut network that ``path`` holds, for the listing, or what keeps it from being told."""
-    keys = _strings_in_pickle(path)
-    if keys is None:
-        return "unknown (not a zip checkpoint)"
-    try:
-        avg_down = shortcut_of_state_dict(key.removeprefix("module.") for key in keys)
-    except ValueError:
-        return "unusable (mixes both spellings)"
-    return "no shortcut keys" if avg_down is None else SHORTCUT_NAMES[avg_down]
-
-
 def _list(_args: argparse.Namespace) -> None:
     print(f"cache folder: {cache_dir()}")
     if override := os.environ.get(WEIGHTS_ENV):
@@ -69,13 +35,13 @@ def _list(_args: argparse.Namespace) -> None:
     for name in list_contnet_variants():
         cached = cached_weights_path(name)
         try:
-            found = resolve_weights(name, download=False)
+            path = resolve_weights(name, download=False)
         except WeightsError:
-            state, path, shortcut = "missing", cached, f"{SHORTCUT_NAMES[CONTNET_CFGS[name].avg_down]} (default)"
+            state, path = "missing", cached
         else:
-            state, path, shortcut = ("cached" if found == cached else "found"), found, _shortcut_of_file(found)
+            state = "cached" if path == cached else "found"
         url = PUBLISHED_URLS.get(name, "(no stable URL: get it from the authors, then `weights import`)")
-        print(f"{name:<11} {state:<8} {shortcut:<32} {path}  {url}")
+        print(f"{name:<11} {state:<8} {path}  {url}")
 
 
 def _checked(name: str, path: Path, origin: str) -> str:
@@ -132,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("weights", help="list, download and import ConTNet ImageNet checkpoints")
     group.set_defaults(handler=_run)
     commands = group.add_subparsers(required=True, metavar="{list,download,import}")
-    listing = commands.add_parser("list", help="show variants, cache state, shortcut network and download URLs")
+    listing = commands.add_parser("list", help="show variants, where their files are, and download URLs")
     listing.set_defaults(command=_list)
     fetching = commands.add_parser("download", help="download a variant's checkpoint into the cache")
     fetching.add_argument("name", choices=list_contnet_variants(), help="variant")
