@@ -163,8 +163,11 @@ def checkpoint_keys(path: Path) -> list[str]:
             f"truncated (an interrupted copy or download) or not a checkpoint: delete it and fetch it again."
         )
         raise WeightsError(msg) from error
-    if isinstance(checkpoint, Mapping):  # the containers timm's load_state_dict opens
-        checkpoint = next((checkpoint[key] for key in ("state_dict", "model") if key in checkpoint), checkpoint)
+    if isinstance(checkpoint, Mapping):  # the entry that timm's load_state_dict loads, in its order
+        for container in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if checkpoint.get(container) is not None:
+                checkpoint = checkpoint[container]
+                break
     if not isinstance(checkpoint, Mapping) or not all(isinstance(key, str) for key in checkpoint):
         msg = f"{path} holds a {type(checkpoint).__name__}, not a state dict (a mapping of names to tensors)"
         raise WeightsError(msg)
