@@ -9,6 +9,7 @@ test starts offline and only the download tests switch that off.
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import contextlib
 import hashlib
 import http.server
@@ -91,6 +92,7 @@ def ti_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Route:
     body: bytes
     cut_after: int | None = None  # announce the full length, send this many bytes, close
+    seconds_per_chunk: float = 0.0
 
 
 @dataclass
@@ -121,7 +123,10 @@ def file_server() -> Iterator[FileServer]:
             self.send_response(200)
             self.send_header("Content-Length", str(len(route.body)))
             self.end_headers()
-            self.wfile.write(route.body if route.cut_after is None else route.body[: route.cut_after])
+            sent = route.body if route.cut_after is None else route.body[: route.cut_after]
+            for start in range(0, len(sent), 1 << 16):
+                self.wfile.write(sent[start : start + (1 << 16)])
+                time.sleep(route.seconds_per_chunk)
             self.close_connection = True
 
         def log_message(self, *args: object) -> None:
@@ -289,7 +294,51 @@ def test_failed_downloads_leave_nothing_and_say_what_to_do(
 
 
 @pytest.mark.usefixtures("online")
-def test_cache_that_cannot_be_written_is_reported(
+def test_concurrent_downloads_give_one_intact_file(
+    file_server: FileServer, isolated_environment: Path, ti_checkpoint: Path
+) -> None:
+    body = ti_checkpoint.read_bytes()
+    url = file_server.add("/contnet_ti.pth", body, seconds_per_chunk=0.02)  # long enough for the two to overlap
+    start = threading.Barrier(2)
+
+    def fetch() -> Path:
+        start.wait()
+        return resolve_weights("contnet_ti", url)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = [future.result() for future in [pool.submit(fetch), pool.submit(fetch)]]
+    assert results == [isolated_environment / "contnet_ti.pth"] * 2
+    assert results[0].read_bytes() == body
+    assert files_in(isolated_environment) == ["contnet_ti.pth"]  # no temporary file left behind
+
+
+@pytest.fixture
+def unwritable_folder(isolated_environment: Path) -> Iterator[Path]:
+    """An existing folder that even root cannot create files in: /proc for root, a mode-0500 folder otherwise."""
+    if os.name != "posix":
+        pytest.skip("needs POSIX permissions")
+    if os.geteuid() == 0:
+        yield Path("/proc")
+        return
+    isolated_environment.mkdir()
+    isolated_environment.chmod(0o500)
+    yield isolated_environment
+    isolated_environment.chmod(0o700)
+
+
+@pytest.mark.usefixtures("online")
+def test_unwritable_cache_folder_is_reported(
+    unwritable_folder: Path, file_server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANOMALIB_CONTNET_CACHE", str(unwritable_folder))
+    with pytest.raises(WeightsError, match=r"cannot write into the cache folder.*ANOMALIB_CONTNET_CACHE"):
+        resolve_weights("contnet_ti", file_server.add("/contnet_ti.pth", b"payload"))
+    assert file_server.requests["/contnet_ti.pth"] == 0
+    assert not [name for name in files_in(unwritable_folder) if "contnet_ti" in name]
+
+
+@pytest.mark.usefixtures("online")
+def test_cache_below_a_regular_file_is_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file_server: FileServer
 ) -> None:
     blocker = tmp_path / "a_file"
