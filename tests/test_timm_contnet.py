@@ -1,4 +1,4 @@
-"""ConTNet as a timm backbone: registry entries, ``features_only``, offline pretrained loading, anomalib's own models.
+"""ConTNet as a timm backbone: registry entries, ``features_only``, missing weights, anomalib's own models.
 
 Models are ConTNet-Ti with random weights, except the two stock-CLI runs, which
 train anomalib's Patchcore and Padim on ConTNet-B at their default input size
@@ -8,11 +8,7 @@ Nothing needs the network: every test runs offline with a private cache.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import shutil
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +20,7 @@ from stock_cli import reported_metric, run_anomalib
 
 from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
 from anomalib_contnet.backbones.contnet import STAGE_REDUCTIONS, ConTNet, create_contnet
-from anomalib_contnet.backbones.weight_files import PUBLISHED_WEIGHTS, WeightsError
+from anomalib_contnet.backbones.weight_files import PUBLISHED_URLS, WeightsError
 
 VARIANTS = ["contnet_b", "contnet_m", "contnet_s", "contnet_ti"]
 TI_WIDTH = 48
@@ -39,16 +35,6 @@ def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     monkeypatch.delenv("ANOMALIB_CONTNET_WEIGHTS", raising=False)
     monkeypatch.setenv("ANOMALIB_CONTNET_OFFLINE", "1")
     return cache
-
-
-@pytest.fixture(scope="module")
-def avg_down_ti(tmp_path_factory: pytest.TempPathFactory) -> tuple[ConTNet, Path]:
-    """ConTNet-Ti of the avg-down network (not Ti's default) saved as the authors' DDP training script does."""
-    torch.manual_seed(3)
-    source = create_contnet("contnet_ti", avg_down=True).eval()
-    path = tmp_path_factory.mktemp("ti") / "contnet_ti.pth"
-    torch.save({"model": {f"module.{key}": value for key, value in source.state_dict().items()}, "epoch": 299}, path)
-    return source, path
 
 
 def stage_outputs(model: ConTNet, names: list[str]) -> list[torch.Tensor]:
@@ -67,7 +53,7 @@ def test_the_four_variants_are_registered_with_one_default_config_each() -> None
     for name in VARIANTS:
         config = timm.models.get_pretrained_cfg(name)
         assert config.architecture == name
-        assert config.url == PUBLISHED_WEIGHTS[name].url
+        assert config.url == PUBLISHED_URLS.get(name)
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
             model = timm.create_model(name, pretrained=False)
         assert isinstance(model.get_submodule(config.first_conv), torch.nn.Conv2d)
@@ -106,97 +92,10 @@ def test_anomalib_timm_feature_extractor_maps_layer_names_to_stages() -> None:
     }
 
 
-def from_overlay(path: Path, **_: object) -> dict[str, object]:
-    return {"pretrained_cfg_overlay": {"file": str(path)}}
-
-
-def from_variable(path: Path, monkeypatch: pytest.MonkeyPatch, **_: object) -> dict[str, object]:
-    monkeypatch.setenv("ANOMALIB_CONTNET_WEIGHTS", str(path.parent))  # a folder holding contnet_ti.pth
-    return {}
-
-
-def from_cache(path: Path, cache: Path, **_: object) -> dict[str, object]:
-    cache.mkdir()
-    shutil.copyfile(path, cache / "contnet_ti.pth")
-    return {}
-
-
-SOURCES = {"overlay_file": from_overlay, "environment_variable": from_variable, "cache": from_cache}
-
-
-@pytest.mark.parametrize("source", list(SOURCES))
-def test_pretrained_loads_the_file_into_the_network_it_spells(
-    source: str,
-    avg_down_ti: tuple[ConTNet, Path],
-    isolated_environment: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    reference, path = avg_down_ti
-    arguments = SOURCES[source](path, monkeypatch=monkeypatch, cache=isolated_environment)
-    wrapped = timm.create_model("contnet_ti", pretrained=True, features_only=True, out_indices=(2, 3), **arguments)
-    assert "layer1.ConTBlock0.downsample.conv.conv.weight" in wrapped.state_dict()  # avg-down, as the file spells
-    for got, want in zip(features(wrapped), stage_outputs(reference, ["layer2", "layer3"]), strict=True):
-        assert torch.equal(got, want)
-    with pytest.raises(WeightsError, match=r"avg_down=False asks for the strided shortcut"):
-        timm.create_model("contnet_ti", pretrained=True, avg_down=False, **arguments)
-
-
-def test_pretrained_classifier_loads_strictly_with_its_head(avg_down_ti: tuple[ConTNet, Path]) -> None:
-    reference, path = avg_down_ti
-    model = timm.create_model("contnet_ti", pretrained=True, pretrained_cfg_overlay={"file": str(path)}).eval()
-    assert model.pretrained_cfg["file"] == str(path)
-    assert model.state_dict().keys() == reference.state_dict().keys()
-    with torch.no_grad():
-        assert torch.equal(model(IMAGE), reference(IMAGE))
-
-
-@pytest.fixture
-def served_folder(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
-    """A real HTTP server on 127.0.0.1 serving a folder: (base URL, folder, requested paths)."""
-    folder = tmp_path / "served"
-    folder.mkdir()
-    requested: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *_: object) -> None:
-            requested.append(self.path)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", folder, requested
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-def test_url_in_the_overlay_downloads_into_the_cache_once(
-    avg_down_ti: tuple[ConTNet, Path],
-    served_folder: tuple[str, Path, list[str]],
-    isolated_environment: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    reference, path = avg_down_ti
-    base_url, folder, requested = served_folder
-    shutil.copyfile(path, folder / "contnet_ti.pth")
-    monkeypatch.delenv("ANOMALIB_CONTNET_OFFLINE")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # our downloader honours it too
-    overlay = {"url": f"{base_url}/contnet_ti.pth"}
-    first = timm.create_model("contnet_ti", pretrained=True, features_only=True, pretrained_cfg_overlay=overlay)
-    assert (isolated_environment / "contnet_ti.pth").is_file()
-    again = timm.create_model("contnet_ti", pretrained=True, features_only=True)  # now from the cache
-    assert requested == ["/contnet_ti.pth"]
-    expected = stage_outputs(reference, [f"layer{index}" for index in range(5)])
-    for model in (first, again):
-        assert all(torch.equal(got, want) for got, want in zip(features(model), expected, strict=True))
-
-
 @pytest.mark.parametrize("variant", ["contnet_b", "contnet_ti"])
 def test_missing_weights_fail_at_once_and_never_fall_back(variant: str) -> None:
     """Offline with an empty cache: the package's own error, not timm's Hub retry and not random weights."""
-    expected = "offline mode" if PUBLISHED_WEIGHTS[variant].url else "no stable download URL"
+    expected = "offline mode" if variant in PUBLISHED_URLS else "no stable download URL"
     for build in (
         lambda: timm.create_model(variant, pretrained=True),
         lambda: TimmFeatureExtractor(variant, layers=["layer2", "layer3"], pre_trained=True),
@@ -205,24 +104,6 @@ def test_missing_weights_fail_at_once_and_never_fall_back(variant: str) -> None:
             build()
         assert "never replaced by random ones" in str(raised.value)
         assert "ANOMALIB_CONTNET_WEIGHTS" in str(raised.value)
-
-
-def test_files_that_do_not_fit_are_refused_before_loading(tmp_path: Path) -> None:
-    other_variant = tmp_path / "contnet_s.pth"
-    torch.save(create_contnet("contnet_s").state_dict(), other_variant)
-    text = tmp_path / "README.pth"
-    text.write_text("not a checkpoint\n")
-    cases = {
-        other_variant: r"does not fit this ConTNet.*wrong shape: layer0\.conv\.conv\.weight",
-        text: r"not a readable PyTorch checkpoint",
-        tmp_path / "absent.pth": r"does not exist",
-    }
-    for path, message in cases.items():
-        with pytest.raises(WeightsError, match=message) as raised:
-            timm.create_model("contnet_ti", pretrained=True, features_only=True, pretrained_cfg_overlay={"file": path})
-        assert str(path) in str(raised.value)
-    with pytest.raises(WeightsError, match=r"state_dict and hf_hub_id sources are not supported"):
-        timm.create_model("contnet_ti", pretrained=True, pretrained_cfg_overlay={"hf_hub_id": "someone/contnet"})
 
 
 # ------------------------------------------------------------------------------ anomalib's own models

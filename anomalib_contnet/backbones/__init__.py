@@ -1,8 +1,6 @@
-"""Backbones: a ConTNet implementation that loads the published checkpoints, and its weight management.
+"""Backbones: ConTNet (:mod:`.contnet`, its variants in :mod:`.contnet_configs`) and its ImageNet weights.
 
-Modules: :mod:`.contnet_configs` (the variant table, no torch), :mod:`.contnet` (the network),
-:mod:`.weight_files` (finding, downloading and caching checkpoint files, no torch), :mod:`.weights`
-(reading, checking and loading them) and :mod:`.timm_contnet` (the timm registration, imported by
-``import anomalib_contnet``). This package imports none of them itself, so ``anomalib-contnet weights
-list`` runs without torch.
+:mod:`.weight_files` finds, downloads and caches the checkpoint files, :mod:`.timm_contnet`
+registers ConTNet with timm and loads them, :mod:`.weights_cli` is ``anomalib-contnet weights``.
+This package imports none of them itself, so ``anomalib-contnet weights list`` runs without torch.
 """

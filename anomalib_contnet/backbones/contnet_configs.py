@@ -1,8 +1,7 @@
-"""The table of ConTNet variants and the rule that tells their shortcut networks apart, without torch.
+"""The table of ConTNet variants and the rule that tells their two shortcut networks apart, without torch.
 
-One row per variant (timm's habit); :mod:`anomalib_contnet.backbones.contnet`
-builds networks from these rows. Kept free of torch so that ``anomalib-contnet
-weights list`` answers without importing it.
+One row per variant (timm's habit); :mod:`anomalib_contnet.backbones.contnet` builds
+networks from these rows. No torch here, so ``anomalib-contnet weights list`` stays instant.
 """
 
 from __future__ import annotations
@@ -13,10 +12,10 @@ from dataclasses import dataclass
 
 __all__ = [
     "CONTNET_CFGS",
-    "SHORTCUT_LABELS",
-    "SHORTCUT_SPELLINGS",
+    "SHORTCUT_NAMES",
     "STAGE_STRIDES",
     "ConTNetConfig",
+    "is_contnet",
     "list_contnet_variants",
     "shortcut_of_state_dict",
 ]
@@ -24,19 +23,13 @@ __all__ = [
 STAGE_STRIDES: tuple[int, ...] = (2, 2, 2, 1)
 """Stride of the last (widening) block of stages 1..4; only stride-2 blocks differ between the two shortcuts."""
 
-SHORTCUT_LABELS: dict[bool, str] = {True: "avg-down", False: "strided"}
-"""Short names of the two down-sampling shortcuts, keyed by ``avg_down``, for messages and listings."""
-
-SHORTCUT_SPELLINGS: dict[bool, str] = {True: "downsample.conv.conv", False: "downsample.conv"}
-"""How each shortcut's 1x1 projection is spelled in the state_dict keys of the stride-2 blocks."""
+SHORTCUT_NAMES: dict[bool, str] = {True: "avg_down", False: "strided"}
+"""The name of each down-sampling shortcut, keyed by ``avg_down``: in messages, listings and trained checkpoints."""
 
 
 @dataclass(frozen=True)
 class ConTNetConfig:
-    """Architecture hyper-parameters of one ConTNet variant.
-
-    Field names follow the authors' constructor so that a config dict saved by
-    their code (for example the golden test file) can be passed as ``ConTNetConfig(**cfg)``.
+    """Architecture hyper-parameters of one ConTNet variant, named as in the authors' constructor.
 
     ``avg_down`` picks the shortcut of the stride-2 blocks (last block of stages
     1-3): False is a 1x1 convolution with stride 2 (keys ``downsample.conv.weight``),
@@ -52,26 +45,6 @@ class ConTNetConfig:
     last_dropout: float = 0.0
     num_classes: int = 1000
     avg_down: bool = False
-
-    def __post_init__(self) -> None:
-        """Normalise lists to tuples and reject configs the architecture cannot build."""
-        for name in ("layers", "mlp_dim", "head_num", "dropout"):
-            value = tuple(getattr(self, name))
-            if len(value) != 4:
-                msg = f"ConTNetConfig.{name} needs one value per stage (4), got {value!r}"
-                raise ValueError(msg)
-            object.__setattr__(self, name, value)
-        for stage, heads in enumerate(self.head_num):
-            width = self.inplanes * 2**stage
-            if width % heads or width % 2:
-                msg = (
-                    f"stage {stage + 1} width {width} must be even and divisible by its {heads} heads; "
-                    f"choose another inplanes ({self.inplanes})"
-                )
-                raise ValueError(msg)
-        if any(n < 1 for n in self.layers):
-            msg = f"every stage needs at least one block, got layers={self.layers}"
-            raise ValueError(msg)
 
 
 CONTNET_CFGS: dict[str, ConTNetConfig] = {
@@ -90,15 +63,10 @@ CONTNET_CFGS: dict[str, ConTNetConfig] = {
 }
 """The four published variants, as in the ConTNet paper and code.
 
-``avg_down`` in each row is the architecture of the variant's published
-download, used when no checkpoint says otherwise (``pre_trained=False``, or an
-untrained model that will receive a checkpoint of that download later). The
-only stable download of ``contnet_b`` (okotaku/timmextension, ``w_contnet``) is
-loaded strictly there into an avg-down ConT-B, so it is spelled
-``downsample.conv.conv`` and is the avg-down network; ``contnet_m.pth`` is spelled
-``downsample.conv`` (that project renames it), so M defaults to the strided
-network its keys describe; Ti and S have no stable download and keep the
-authors' default (strided). When a checkpoint is loaded its own spelling decides.
+``avg_down`` is the network of the variant's published download, built when no
+checkpoint says otherwise: ``contnet_b.pth`` is spelled ``downsample.conv.conv``
+(avg-down), ``contnet_m.pth`` ``downsample.conv`` (strided); Ti and S have no
+stable download and keep the authors' default (strided). A loaded checkpoint's own spelling decides.
 """
 
 
@@ -107,17 +75,21 @@ def list_contnet_variants() -> list[str]:
     return sorted(CONTNET_CFGS)
 
 
+def is_contnet(backbone: str) -> bool:
+    """Whether ``backbone`` names one of the ConTNet variants (the backbones with two shortcut networks)."""
+    return backbone in CONTNET_CFGS
+
+
 _SHORTCUT_KEY = re.compile(r"^layer(?P<stage>[1-4])\.ConTBlock\d+\.downsample\.conv\.(?P<pooled>conv\.)?weight$")
 
 
 def shortcut_of_state_dict(state_dict: Iterable[str]) -> bool | None:
-    """Tell which shortcut network an (unwrapped) state_dict, or its keys, belongs to: the ``avg_down`` to build.
+    """Which shortcut network a state_dict (or its keys) belongs to: the ``avg_down`` to build.
 
     True for the avg-down spelling (``downsample.conv.conv.weight``), False for
     the strided one (``downsample.conv.weight`` in a stride-2 block), None when
-    no down-sampling shortcut key is present (a partial dict, e.g. only ``fc``).
-    Stage 4's stride-1 shortcut is spelled ``downsample.conv.weight`` in both
-    networks and says nothing.
+    no such key is present (a partial dict). Stage 4's stride-1 shortcut is
+    spelled ``downsample.conv.weight`` in both networks and says nothing.
 
     Raises:
         ValueError: when both spellings occur, which no ConTNet can hold.
@@ -125,20 +97,15 @@ def shortcut_of_state_dict(state_dict: Iterable[str]) -> bool | None:
     spelled: dict[bool, list[str]] = {True: [], False: []}
     for key in state_dict:
         match = _SHORTCUT_KEY.match(key)
-        if match is None:
-            continue
-        pooled = match["pooled"] is not None
-        if pooled or STAGE_STRIDES[int(match["stage"]) - 1] > 1:
-            spelled[pooled].append(key)
+        if match and (match["pooled"] or STAGE_STRIDES[int(match["stage"]) - 1] > 1):
+            spelled[match["pooled"] is not None].append(key)
     if spelled[True] and spelled[False]:
         msg = (
-            f"the checkpoint mixes both shortcut spellings ({spelled[True][0]}: avg-down, "
+            f"the checkpoint mixes both shortcut spellings ({spelled[True][0]}: avg_down, "
             f"{spelled[False][0]}: strided); they belong to two different networks, so no ConTNet can load it. "
             f"The file was edited or assembled from two models: use an original checkpoint."
         )
         raise ValueError(msg)
-    if spelled[True]:
-        return True
-    if spelled[False]:
-        return False
-    return None
+    if not (spelled[True] or spelled[False]):
+        return None
+    return bool(spelled[True])

@@ -1,58 +1,44 @@
-"""ConTNet in timm's model registry: ``timm.create_model("contnet_b", ...)`` as for any timm backbone.
+"""ConTNet in timm's model registry, and the loading of its ImageNet weights.
 
-Importing this module registers ``contnet_ti``, ``contnet_s``, ``contnet_m`` and
-``contnet_b`` the way timm's own model files do: one default config per variant
-(:data:`default_cfgs`, with the published download where one exists), a
-``register_model`` entry point each, and timm's ``build_model_with_cfg`` with a
-checkpoint filter. ``import anomalib_contnet`` imports it, and anomalib imports
-the plugin whenever ``anomalib.models`` loads, so every anomalib model that takes
-a timm backbone name (Padim, Patchcore, ...) accepts ``contnet_*``. It is not
-imported by :mod:`anomalib_contnet.backbones` itself, so the ``weights`` commands
-keep running without timm.
+Registering ``contnet_ti/s/m/b`` the way timm's own model files do (default configs
+with the published downloads, ``register_model``, ``build_model_with_cfg``) makes
+every anomalib model that takes a timm backbone name (Padim, Patchcore, ...) accept
+them; ``features_only=True`` names the stages ``layer0`` .. ``layer4``.
 
-``feature_info`` names the five stages ``layer0`` .. ``layer4`` with their
-channels and reductions (4, 8, 16, 32, 32), so
-``timm.create_model("contnet_b", features_only=True, out_indices=(2, 3))`` gives
-``layer2`` and ``layer3``; anomalib's ``TimmFeatureExtractor`` maps the names it
-is given to those indices.
-
-``pretrained=True`` never goes to the Hugging Face Hub and never falls back to
-random weights. The file is found by the package's own lookup
-(:func:`~anomalib_contnet.backbones.weights.resolve_weights`): an explicit
-``pretrained_cfg_overlay=dict(file=...)`` (or ``url=...``), else
-``$ANOMALIB_CONTNET_WEIGHTS``, the cache, the published URL (not when offline);
-a missing file raises :class:`~anomalib_contnet.backbones.weights.WeightsError`
-at once with the steps that fix it. The file's shortcut spelling decides which
-of the two shortcut networks is built (see
-:func:`~anomalib_contnet.backbones.contnet_configs.shortcut_of_state_dict`), and the
-filter checks every key, shape and value before timm loads it.
+``pretrained=True`` takes the file from the package's lookup
+(:func:`~anomalib_contnet.backbones.weight_files.resolve_weights`, which an explicit
+``pretrained_cfg_overlay=dict(file=...)`` or ``url=...`` overrides), never from the
+Hugging Face Hub and never silently random. The file's keys decide which of the two
+shortcut networks is built; timm then reads it once with its own ``load_state_dict``
+(which opens ``{"model": ...}`` wrappers and drops ``module.`` prefixes), and the
+checkpoint filter checks every key, shape and value before anything loads.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
-from timm.models import (
-    build_model_with_cfg,
-    generate_default_cfgs,
-    get_pretrained_cfg,
-    register_model,
-    resolve_pretrained_cfg,
-)
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from anomalib_contnet.backbones.contnet import ConTNet, checkpoint_filter_fn, contnet_from_config
-from anomalib_contnet.backbones.contnet_configs import CONTNET_CFGS, SHORTCUT_LABELS
-from anomalib_contnet.backbones.weight_files import AUTHORS_REPOSITORY, PUBLISHED_WEIGHTS, WeightsError
-from anomalib_contnet.backbones.weights import locate_checkpoint, validated_state_dict
+from anomalib_contnet.backbones.contnet import ConTNet, contnet_from_config
+from anomalib_contnet.backbones.contnet_configs import CONTNET_CFGS, SHORTCUT_NAMES, shortcut_of_state_dict
+from anomalib_contnet.backbones.weight_files import (
+    AUTHORS_REPOSITORY,
+    PUBLISHED_URLS,
+    WeightsError,
+    checkpoint_keys,
+    resolve_weights,
+)
+from anomalib_contnet.checkpoints import compare_state_dict, non_finite_counts
 
 __all__: list[str] = []  # register_model appends the entry points
 
 logger = logging.getLogger(__name__)
 
 
-def _cfg(url: str | None = None, **kwargs: Any) -> dict[str, Any]:
+def _cfg(url: str | None = None) -> dict[str, Any]:
     """Default config of a ConTNet variant: the authors' ImageNet preprocessing and the 1000-class head."""
     return {
         "url": url,
@@ -67,65 +53,84 @@ def _cfg(url: str | None = None, **kwargs: Any) -> dict[str, Any]:
         "classifier": "fc",
         "origin_url": AUTHORS_REPOSITORY,
         "paper_ids": "arXiv:2104.13497",
-        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs(
-    {
-        "contnet_ti": _cfg(),
-        "contnet_s": _cfg(),
-        "contnet_m": _cfg(url=PUBLISHED_WEIGHTS["contnet_m"].url),
-        "contnet_b": _cfg(url=PUBLISHED_WEIGHTS["contnet_b"].url),
-    }
-)
-"""Ti and S have no stable download: their weights come from a file, the variable or the cache only."""
+default_cfgs = generate_default_cfgs({name: _cfg(PUBLISHED_URLS.get(name)) for name in CONTNET_CFGS})
 
 
-def _explicit_weights(variant: str, pretrained_cfg: Any, overlay: dict[str, Any] | None) -> str | None:
-    """The file or URL the caller named through timm's config arguments; None means the package's default lookup."""
+def _named_source(variant: str, pretrained_cfg: Any, overlay: dict[str, Any]) -> str | None:
+    """The file or URL the caller named through timm's config arguments; None leaves the choice to the lookup."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay)
     if cfg.state_dict is not None or cfg.hf_hub_id:
-        msg = (
-            f"{variant}: ConTNet weights load from a checkpoint file or URL only "
-            f"(pretrained_cfg_overlay=dict(file=PATH)); state_dict and hf_hub_id sources are not supported"
-        )
+        msg = f"{variant}: state_dict and hf_hub_id sources are not supported; pass pretrained_cfg_overlay=dict(file=)"
         raise WeightsError(msg)
     if cfg.file:
-        return os.fspath(cfg.file)
-    if cfg.url and cfg.url != get_pretrained_cfg(variant).url:
-        return str(cfg.url)
-    return None
+        return str(cfg.file)
+    return None if cfg.url == PUBLISHED_URLS.get(variant) else cfg.url
+
+
+def _shortcut_to_build(path: Any, requested: bool | None) -> bool | None:
+    """The ``avg_down`` that the file's keys spell; an explicit request may not contradict it (None: no such key)."""
+    try:
+        spelled = shortcut_of_state_dict(checkpoint_keys(path))
+    except ValueError as error:
+        msg = f"{path}: {error}"
+        raise WeightsError(msg) from error
+    if spelled is not None and requested is not None and spelled != requested:
+        msg = (
+            f"avg_down={requested} asks for the {SHORTCUT_NAMES[requested]} shortcut, but {path} holds the "
+            f"{SHORTCUT_NAMES[spelled]} network: the two compute different features from the same tensors. "
+            f"Pass avg_down=None to build the network of the file, or use a checkpoint of the other network."
+        )
+        raise WeightsError(msg)
+    return requested if spelled is None else spelled
+
+
+def _checked_state_dict(state_dict: dict[str, Any], model: ConTNet) -> dict[str, torch.Tensor]:
+    """Timm's ``pretrained_filter_fn``: drop the head a headless model lacks, then refuse anything that does not fit.
+
+    timm loads non-strictly when the head is dropped, so every key, shape and
+    value is checked here: a wrong variant or a damaged file never loads halfway.
+    """
+    path = model.pretrained_cfg["file"]
+    if not model.config.num_classes:
+        state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
+    if not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        msg = f"{path} is not a ConTNet checkpoint: its entries are not all tensors"
+        raise WeightsError(msg)
+    mismatch = compare_state_dict(model.state_dict(), state_dict)
+    if mismatch:
+        config = model.config
+        msg = (
+            f"{path} does not fit this ConTNet (inplanes={config.inplanes}, layers={config.layers}, "
+            f"num_classes={config.num_classes}): {mismatch.describe()}. Is it a checkpoint of another variant? "
+            f"A mismatch only in 'fc' means another classifier size: build the model with num_classes=0."
+        )
+        raise WeightsError(msg)
+    for key, count in non_finite_counts(state_dict).items():
+        msg = f"{path}: {key} holds {count} NaN/Inf values; the file is damaged, fetch it again"
+        raise WeightsError(msg)
+    return state_dict
 
 
 def _create_contnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ConTNet:
-    """Build any variant with timm's builder; with ``pretrained`` the checkpoint is located and read first.
-
-    Reading first is what lets the checkpoint choose the shortcut network
-    (``avg_down``) before the model exists; timm then loads the same file
-    through the validating filter. ``features_only`` models are built without
-    the classifier, which they would drop anyway.
-    """
+    """Build a variant with timm's builder; ``features_only`` models are built without the head they would drop."""
     if kwargs.get("features_only"):
         kwargs.setdefault("num_classes", 0)
-    checkpoint_filter = checkpoint_filter_fn
     if pretrained:
-        overlay = kwargs.pop("pretrained_cfg_overlay", None)
-        explicit = _explicit_weights(variant, kwargs.get("pretrained_cfg"), overlay)
-        path, _, avg_down = locate_checkpoint(variant, explicit, avg_down=kwargs.get("avg_down"))
-        kwargs["avg_down"] = CONTNET_CFGS[variant].avg_down if avg_down is None else avg_down
-        logger.info("building %s with the %s shortcut for %s", variant, SHORTCUT_LABELS[kwargs["avg_down"]], path)
-        kwargs["pretrained_cfg_overlay"] = dict(overlay or {}, file=str(path))
-
-        def checkpoint_filter(state_dict: dict[str, Any], model: ConTNet) -> dict[str, Any]:
-            return validated_state_dict(model, state_dict, path)
-
+        overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+        path = resolve_weights(variant, _named_source(variant, kwargs.get("pretrained_cfg"), overlay))
+        kwargs["avg_down"] = _shortcut_to_build(path, kwargs.get("avg_down"))
+        kwargs["pretrained_cfg_overlay"] = {**overlay, "file": str(path)}
+        shortcut = SHORTCUT_NAMES[CONTNET_CFGS[variant].avg_down if kwargs["avg_down"] is None else kwargs["avg_down"]]
+        logger.info("building %s with the %s shortcut of %s", variant, shortcut, path)
     return build_model_with_cfg(
         contnet_from_config,
         variant,
         pretrained,
         model_cfg=CONTNET_CFGS[variant],
-        pretrained_filter_fn=checkpoint_filter,
+        pretrained_filter_fn=_checked_state_dict,
         feature_cfg={"flatten_sequential": False},  # keep the stages whole: feature_info names layer0..layer4
         **kwargs,
     )

@@ -16,7 +16,6 @@ never looks for the ImageNet file: it works offline, after that file is gone.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,23 +24,15 @@ import torch
 from torch import nn
 
 from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
-from anomalib_contnet.backbones.contnet_configs import list_contnet_variants, shortcut_of_state_dict
-from anomalib_contnet.backbones.weight_files import WeightsError
+from anomalib_contnet.backbones.contnet_configs import SHORTCUT_NAMES, is_contnet, shortcut_of_state_dict
 
-__all__ = ["FrozenFeatureExtractor", "build_feature_extractor", "is_contnet"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["FrozenFeatureExtractor", "build_feature_extractor"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-SHORTCUT_NAMES = {True: "avg_down", False: "strided"}
-"""How :attr:`FrozenFeatureExtractor.shortcut` (and the checkpoint's ``shortcut`` hyper-parameter) names a shortcut."""
-
-
-def is_contnet(backbone: str) -> bool:
-    """Whether ``backbone`` names one of this package's ConTNet variants."""
-    return backbone in list_contnet_variants()
+UNTRAINED_INIT_SEED = 0
+"""Seed of the random initialisation of untrained backbones, so their features (and scores) are reproducible."""
 
 
 class FrozenFeatureExtractor(nn.Module):
@@ -59,7 +50,7 @@ class FrozenFeatureExtractor(nn.Module):
         out_channels: channels of each requested layer.
         normalization: (mean, std) the backbone was trained with (its ``pretrained_cfg``), for the pre-processor.
         weights: explicit checkpoint (path, or URL for ConTNet) of the pretrained weights, or None for the
-            default lookup (ConTNet: file variable, cache, published URL; other models: the Hugging Face Hub).
+            default lookup (ConTNet: file variable, cache, published URL; other models: timm's own source).
         wants_pretrained: whether fitting needs pretrained weights (False: the seeded untrained features are used).
     """
 
@@ -68,46 +59,38 @@ class FrozenFeatureExtractor(nn.Module):
         self.name = name
         self.weights = weights
         self.wants_pretrained = pre_trained or weights is not None
-        self.out_indices: tuple[int, ...] | None = None  # None: timm's default, the first five feature stages
-        init_state = torch.random.get_rng_state()
-        self.backbone = self._create(pretrained=False)
-        available = self.backbone.feature_info.module_name()
+        with torch.device("meta"):  # only to read the stages: costs neither memory nor random numbers
+            info = timm.create_model(name, features_only=True).feature_info
+        available = info.module_name()
         missing = [layer for layer in layers if layer not in available]
-        if missing:
+        if missing or not layers:
             msg = f"backbone {name!r} has no feature layer(s) {missing}; its feature layers are {available}"
             raise ValueError(msg)
         self.layers = tuple(layers)
         held = max(available.index(layer) for layer in self.layers) + 1
-        if held < len(available):  # drop the stages after the deepest requested one
-            self.out_indices = tuple(self.backbone.feature_info.out_indices[:held])
-            torch.random.set_rng_state(init_state)  # the same random state gives the held stages the same weights
-            self.backbone = self._create(pretrained=False)
+        self.out_indices = tuple(info.out_indices[:held])  # timm drops the stages after the deepest requested one
         self._positions = {layer: available.index(layer) for layer in self.layers}  # in the backbone's output list
-        channels = self.backbone.feature_info.channels()
-        self.out_channels = {layer: channels[position] for layer, position in self._positions.items()}
+        self.out_channels = {layer: info.channels()[position] for layer, position in self._positions.items()}
+        self.backbone = self._create(pretrained=False)
         config = self.backbone.pretrained_cfg
-        self.normalization = (
-            tuple(config.get("mean", IMAGENET_MEAN)),
-            tuple(config.get("std", IMAGENET_STD)),
-        )
+        self.normalization = (tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD)))
         self.eval()
 
     def _create(self, pretrained: bool, **architecture: Any) -> nn.Module:
         """Build the feature network; ``architecture`` reaches the model's constructor (ConTNet: ``avg_down``)."""
         overlay = {"file": str(self.weights)} if pretrained and self.weights is not None else None
-        indices = {} if self.out_indices is None else {"out_indices": self.out_indices}
         return timm.create_model(
             self.name,
             features_only=True,
+            out_indices=self.out_indices,
             exportable=True,
             pretrained=pretrained,
             pretrained_cfg_overlay=overlay,
-            **indices,
             **architecture,
         )
 
-    def _device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
+    def _replace_backbone(self, backbone: nn.Module) -> None:
+        self.backbone = backbone.to(next(self.backbone.parameters()).device).eval()
 
     @property
     def shortcut(self) -> str | None:
@@ -128,23 +111,12 @@ class FrozenFeatureExtractor(nn.Module):
     def load_pretrained(self) -> None:
         """Replace the untrained backbone by the pretrained one, on the same device.
 
-        ConTNet's weights come from ``weights`` or the package's lookup, and the
-        file's shortcut spelling decides which network is built; its errors
-        (:class:`~anomalib_contnet.backbones.weight_files.WeightsError`) already
-        say what to do. Other models load ``weights`` when given, else timm's own source (the Hub).
+        ConTNet's weights come from ``weights`` or the package's lookup, whose
+        :class:`~anomalib_contnet.backbones.weight_files.WeightsError` says what to
+        do; the file's keys decide which shortcut network is built. Other models
+        load ``weights`` when given, else timm's own source.
         """
-        try:
-            backbone = self._create(pretrained=True)
-        except WeightsError:
-            raise
-        except Exception as error:
-            msg = (
-                f"could not load pretrained weights for timm model {self.name!r} ({error}). Pass weights=<local file> "
-                "(a timm state_dict), make the Hugging Face Hub reachable, or pass pre_trained=False for untrained "
-                "features."
-            )
-            raise RuntimeError(msg) from error
-        self.backbone = backbone.to(self._device()).eval()
+        self._replace_backbone(self._create(pretrained=True))
 
     def match_saved_architecture(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Rebuild the backbone when ``state_dict`` (keys relative to the backbone) is another architecture.
@@ -158,9 +130,8 @@ class FrozenFeatureExtractor(nn.Module):
         if not is_contnet(self.name):
             return
         avg_down = shortcut_of_state_dict(state_dict)
-        if avg_down is None or SHORTCUT_NAMES[avg_down] == self.shortcut:
-            return
-        self.backbone = self._create(pretrained=False, avg_down=avg_down).to(self._device()).eval()
+        if avg_down is not None and SHORTCUT_NAMES[avg_down] != self.shortcut:
+            self._replace_backbone(self._create(pretrained=False, avg_down=avg_down))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return {layer: (B, C, h, w)} for the requested layers."""
@@ -175,10 +146,6 @@ class FrozenFeatureExtractor(nn.Module):
         return dict(zip(self.backbone.feature_info.module_name(), self.backbone(images), strict=True))
 
 
-UNTRAINED_INIT_SEED = 0
-"""Seed of the random initialisation of untrained backbones, so their features (and scores) are reproducible."""
-
-
 def build_feature_extractor(
     backbone: str, layers: Sequence[str], pre_trained: bool, weights: str | None
 ) -> FrozenFeatureExtractor:
@@ -189,16 +156,6 @@ def build_feature_extractor(
     runs with untrained features (``pre_trained=False`` and no ``weights``) are
     comparable. Pretrained weights come later, from :meth:`FrozenFeatureExtractor.load_pretrained`.
     """
-    if not layers:
-        msg = "layers must name at least one backbone stage"
-        raise ValueError(msg)
-    source, _ = timm.models.parse_model_name(backbone)
-    if source is None and not timm.is_model(backbone):  # hf-hub:/local-dir: names go to timm as they are
-        msg = (
-            f"unknown backbone {backbone!r}: neither a ConTNet variant ({', '.join(list_contnet_variants())}) "
-            "nor a timm model name (see timm.list_models())"
-        )
-        raise ValueError(msg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(UNTRAINED_INIT_SEED)
         return FrozenFeatureExtractor(backbone, layers, pre_trained, weights)
