@@ -26,7 +26,7 @@ all positions at once, and multi-device training (DDP) merges the statistics.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
-from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
@@ -54,9 +53,6 @@ __all__ = ["ConTNetPaDiM"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = (224, 224)
-
-BACKBONE_STATE_PREFIX = "model.feature_extractor.backbone."
-"""Where the backbone's parameters sit in this module's state_dict."""
 
 FORMAT_KEY = "anomalib_contnet_format_version"
 """Top-level checkpoint entry that only ConTNetPaDiM checkpoints have: another model's checkpoint is refused by name."""
@@ -88,11 +84,6 @@ def refuse_high_bit_depth(paths: Iterable[str] | None) -> None:
             + ", ".join(clipped)
         )
         raise ValueError(msg)
-
-
-def _state_under(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of ``state_dict`` below ``prefix``, with the prefix removed."""
-    return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
 class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
@@ -184,11 +175,6 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     def configure_optimizers() -> None:
         """Nothing is optimised: the backbone is frozen and the Gaussians are estimated in closed form."""
         return
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """Anomalib's default post-processor (thresholds and normalisation learned on validation data)."""
-        return PostProcessor()
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
@@ -345,7 +331,9 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
                 f"{len(non_finite)} tensors, first {non_finite[:3]}"
             )
             raise ValueError(msg)
-        self.model.feature_extractor.match_saved_architecture(_state_under(state_dict, BACKBONE_STATE_PREFIX))
+        prefix = "model.feature_extractor.backbone."
+        backbone = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+        self.model.feature_extractor.match_saved_architecture(backbone)
         super().on_load_checkpoint(checkpoint)
         self._backbone_weights_in_place = True
 

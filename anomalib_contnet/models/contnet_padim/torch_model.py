@@ -56,24 +56,17 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         feature_seed: seed of that random choice; the chosen indices are saved with the model.
         epsilon: covariance regulariser.
         sigma: standard deviation of the anomaly-map smoothing.
-        factor_dtype: storage type of the Gaussians' precision factor: ``"float32"``
-            (default), or ``"float16"``, which halves the factor's bytes in the checkpoint
-            and the ONNX file (not in OpenVINO IR, whose converter widens it back) while
-            distances move by about 1e-4 relative (rounding of the factor); arithmetic is
-            float32 either way. See docs/performance.md, section 4.
+        factor_dtype: storage type of the Gaussians' precision factor, ``"float32"`` or
+            ``"float16"`` (see :class:`StreamingGaussian`).
 
     Lightning's ``precision`` trainer setting (``"bf16-mixed"``, ``"16-mixed"``) runs the
     backbone under autocast; the Gaussians and the anomaly map stay float32 whatever it says.
 
     Attributes:
         tiler: an anomalib ``Tiler`` (set by ``TilerConfigurationCallback``) or ``None``.
-            Fitting memory grows with the grid of the whole tiled image: while fitting,
-            every position holds a float64 ``D x D`` scatter matrix, ``P·D²·8`` bytes for
-            ``P`` positions and ``D`` dimensions (plus a ``P·64·D·8`` byte sample buffer);
-            afterwards the packed float32 precision factor takes about ``P·0.54·D²·4``
-            bytes at ``D = 1536``. ``contnet_b`` (D = 1536) at 448 px in 224 px tiles
-            (14x14 = 196 positions) accumulates 3.7 GB; ``n_features`` cuts that
-            quadratically (550 dimensions: 0.47 GB). Tables: docs/performance.md.
+            Fitting memory grows with the grid of the whole tiled image (one float64
+            ``D x D`` scatter matrix per position; ``n_features`` cuts it quadratically):
+            docs/performance.md has the tables.
     """
 
     def __init__(
