@@ -31,8 +31,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from anomalib_contnet.data.textures import load_texture, render_defective, render_normal, texture_bands
-from anomalib_contnet.deploy import MANIFEST_NAME, ExportCheckError, check_export, export_model
-from anomalib_contnet.models.staged_export import STAGING_PREFIX
+from anomalib_contnet.deploy import ExportCheckError, check_export
 
 pytestmark = pytest.mark.slow
 
@@ -197,8 +196,8 @@ def assert_matches_reference(actual: Outputs, expected: Outputs, pixel_threshold
 # --------------------------------------------------------------- export layout
 def test_engine_export_replaces_an_older_export_whole(onnx_path) -> None:
     folder = onnx_path.parent
-    assert sorted(entry.name for entry in folder.iterdir()) == [MANIFEST_NAME, "model.onnx", "model.onnx.data"]
-    assert not list(folder.parent.glob(f"{STAGING_PREFIX}*")), "staging folder left behind"
+    assert sorted(entry.name for entry in folder.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert not list(folder.parent.glob(".staging-*")), "staging folder left behind"
     assert check_export(onnx_path) == onnx_path
 
 
@@ -435,7 +434,7 @@ def test_gaussian_is_stored_once_in_the_exports(trained_model, onnx_path, openvi
 def test_stock_cli_fp16_export_is_whole_and_close_to_fitted_path(
     trained_model, fp16_path, test_images, compiled
 ) -> None:
-    assert sorted(entry.name for entry in fp16_path.parent.iterdir()) == [MANIFEST_NAME, "model.bin", "model.xml"]
+    assert sorted(entry.name for entry in fp16_path.parent.iterdir()) == ["model.bin", "model.xml"]
     assert check_export(fp16_path) == fp16_path
     expected = fitted_path(trained_model, test_images)
     actual = compiled["openvino-fp16-weights-f32"](test_images.numpy())
@@ -443,25 +442,18 @@ def test_stock_cli_fp16_export_is_whole_and_close_to_fitted_path(
 
 
 # ------------------------------------------------------ replacing and failing
-def test_export_model_replaces_the_folder_and_keeps_it_when_an_export_fails(trained_model, tmp_path) -> None:
-    first = export_model(trained_model.model, "torch", tmp_path, model_file_name="first")
-    second = export_model(trained_model.model, "torch", tmp_path, model_file_name="second")
+def test_a_re_export_replaces_the_folder_and_a_failed_one_keeps_it(trained_model, tmp_path) -> None:
+    engine = trained_model.engine
+    first = engine.export(trained_model.model, ExportType.TORCH, export_root=tmp_path, model_file_name="first")
+    second = engine.export(trained_model.model, ExportType.TORCH, export_root=tmp_path, model_file_name="second")
     folder = tmp_path / "weights" / "torch"
     assert (first.exists(), second.exists()) == (False, True)
-    assert sorted(entry.name for entry in folder.iterdir()) == [MANIFEST_NAME, "second.pt"]
+    assert sorted(entry.name for entry in folder.iterdir()) == ["second.pt"]
     before = {entry.name: entry.read_bytes() for entry in folder.iterdir()}
     with pytest.raises((OSError, RuntimeError)):
-        export_model(trained_model.model, "torch", tmp_path, model_file_name="no_such_folder/third")
+        engine.export(trained_model.model, ExportType.TORCH, export_root=tmp_path, model_file_name="no_such_folder/x")
     assert {entry.name: entry.read_bytes() for entry in folder.iterdir()} == before
     assert sorted(entry.name for entry in (tmp_path / "weights").iterdir()) == ["torch"]
-
-
-def test_export_model_refuses_options_that_cannot_apply(trained_model, tmp_path) -> None:
-    with pytest.raises(ValueError, match="OpenVINO exports only"):
-        export_model(trained_model.model, "onnx", tmp_path, compression_type=CompressionType.FP16)
-    with pytest.raises(ValueError, match="pass datamodule"):
-        export_model(trained_model.model, "openvino", tmp_path, compression_type="int8_ptq")
-    assert not (tmp_path / "weights").exists()
 
 
 def test_int8_post_training_quantisation_is_refused_with_the_reason(trained_model, tmp_path) -> None:
@@ -511,17 +503,3 @@ def test_truncated_files_are_reported(openvino_path, onnx_path, torch_path, tmp_
     copy_prefix(torch_path, tmp_path / "short_pt" / "model.pt", length=torch_path.stat().st_size - 100)
     with pytest.raises(ExportCheckError, match=r"not a complete torch\.save archive"):
         check_export(tmp_path / "short_pt" / "model.pt")
-
-
-def test_a_file_changed_after_export_fails_the_manifest_check(fp16_path, tmp_path) -> None:
-    folder = tmp_path / "changed"
-    for name in ("model.xml", "model.bin", MANIFEST_NAME):
-        (folder / name).parent.mkdir(exist_ok=True)
-        os.link(fp16_path.parent / name, folder / name)
-    assert check_export(folder / "model.xml") == folder / "model.xml"
-    text = (fp16_path.parent / "model.xml").read_text()
-    (folder / "model.xml").unlink()
-    (folder / "model.xml").write_text(text.replace("pred_score", "pred_scorf", 1))  # same size, still valid XML
-    with pytest.raises(ExportCheckError, match="SHA-256 mismatch"):
-        check_export(folder / "model.xml")
-    assert check_export(folder / "model.xml", verify_checksums=False) == folder / "model.xml"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 from anomalib.data import ImageBatch
-from anomalib.pre_processing.utils.spec import transform_to_spec
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 from torchvision.transforms.v2.functional import resize as torchvision_resize
@@ -87,24 +86,6 @@ def test_checkpoint_config_is_plain_data_and_restores_the_pre_processor() -> Non
     restored.load_checkpoint_config(config)
     assert (restored.image_size, restored.mean, restored.std) == ((448, 224), MEAN, STD)
     assert restored(torch.rand(1, 3, 100, 100)).shape == (1, 3, 448, 224)
-
-
-def test_checkpoints_of_the_stock_transform_load_as_the_same_computation() -> None:
-    """Checkpoints written before this pre-processor hold anomalib's spec of Resize(antialias=True) + Normalize."""
-    stock = Compose([Resize((224, 224), antialias=True), Normalize(MEAN, STD)])
-    restored = ConTNetPreProcessor((112, 112), (0.5,) * 3, (0.5,) * 3)
-    restored.load_checkpoint_config({"transform": transform_to_spec(stock)})
-    assert (restored.image_size, restored.mean, restored.std) == ((224, 224), MEAN, STD)
-    assert isinstance(restored.export_transform.transforms[0], AntialiasedResize)
-
-
-def test_other_stored_transforms_are_refused() -> None:
-    restored = ConTNetPreProcessor((224, 224), MEAN, STD)
-    aliased = Compose([Resize((224, 224), antialias=False), Normalize(MEAN, STD)])
-    with pytest.raises(ValueError, match="not ConTNetPaDiM's antialiased resize"):
-        restored.load_checkpoint_config({"transform": transform_to_spec(aliased)})
-    with pytest.raises(ValueError, match="unrecognised pre-processor settings"):
-        restored.load_checkpoint_config({"size": 3})
 
 
 def test_trained_model_resizes_in_the_dataset_and_checkpoints_safely(trained_model) -> None:

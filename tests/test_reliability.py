@@ -16,6 +16,7 @@ import http.server
 import io
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -228,110 +229,36 @@ def test_unusual_but_valid_images_give_the_result_of_their_8bit_rgb_equivalent(
         assert torch.equal(by_name[name].anomaly_map, by_name[equivalent].anomaly_map), name
 
 
-def write_bad_image(kind: str, path: Path) -> Path:
-    """One image file anomalib cannot read, or would silently read wrongly."""
-    if kind == "gray16":
-        Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(path)
-    elif kind == "text":
-        path.write_text("a README saved under an image name\n")
-    elif kind == "truncated_png":
-        Image.fromarray(smooth_rgb(5, 128, 128)).save(path)
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    elif kind == "truncated_jpeg":  # an interrupted copy: the header is intact, so only decoding finds the cut
-        Image.fromarray(smooth_rgb(6, 256, 256)).save(path, format="JPEG", quality=95)
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    elif kind == "garbled_jpeg":  # the JPEG start marker, then bytes no decoder understands
-        path.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
-    else:
-        raise AssertionError(kind)
+def write_gray16(path: Path) -> Path:
+    """A 16-bit one-channel PNG, which anomalib's convert("RGB") would clip to almost white."""
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(path)
     return path
 
 
-REJECTED_IMAGE_MESSAGES = {
-    "gray16": r"more than 8 bits per pixel.*clips such values at 255.*mode I;16",
-    "text": r"not readable images.*UnidentifiedImageError",
-    "truncated_png": r"not readable images.*(truncated|Truncated)",
-    "truncated_jpeg": r"not readable images.*image file is truncated",
-    "garbled_jpeg": r"not readable images.*(UnidentifiedImageError|OSError|SyntaxError)",
-}
+GRAY16_MESSAGE = r"more than 8 bits per pixel.*clips such values at 255.*mode I;16"
 
 
-@pytest.mark.parametrize("kind", list(REJECTED_IMAGE_MESSAGES))
-def test_unreadable_or_misread_image_is_named_before_prediction_starts(
-    kind: str, small_runs: SmallRuns, tmp_path: Path
-) -> None:
-    bad = write_bad_image(kind, tmp_path / f"{kind}.{'jpg' if 'jpeg' in kind else 'png'}")
-    with pytest.raises(ValueError, match=r"cannot use the prediction images") as raised:
+def test_16bit_grayscale_image_to_predict_is_refused_with_its_name(small_runs: SmallRuns, tmp_path: Path) -> None:
+    bad = write_gray16(tmp_path / "gray16.png")
+    with pytest.raises(ValueError, match=GRAY16_MESSAGE) as raised:
         engine(tmp_path / "work").predict(model=small_model(), data_path=bad, ckpt_path=small_runs.first.checkpoint)
     assert str(bad) in str(raised.value)
-    assert re.search(REJECTED_IMAGE_MESSAGES[kind], str(raised.value), flags=re.DOTALL)
 
 
-@pytest.mark.parametrize("kind", ["gray16", "text"])
-def test_bad_training_image_is_named_before_fitting_starts(kind: str, tmp_path: Path) -> None:
+def test_16bit_grayscale_training_image_stops_the_fit(tmp_path: Path) -> None:
     root = write_mvtec(tmp_path / "data", [(64, 64)] * 2)
-    bad = write_bad_image(kind, root / CATEGORY / "train/good/002.png")
-    model = small_model()
-    with pytest.raises(ValueError, match=r"cannot use the training images") as raised:
-        engine(tmp_path / "work").fit(model=model, datamodule=datamodule(root))
-    assert str(bad) in str(raised.value)
-    assert model.model.gaussian.count == 0  # refused before the first batch
-
-
-@pytest.mark.parametrize(
-    ("split", "kind"),
-    [("train/good", "truncated_png"), ("test/spot", "truncated_png"), ("ground_truth/spot", "text")],
-)
-def test_damaged_file_in_any_mvtec_split_stops_the_fit_before_the_first_batch(
-    split: str, kind: str, tmp_path: Path
-) -> None:
-    """Training, test (the validation split comes from it) and mask files are all checked; nothing is saved."""
-    root = write_mvtec(tmp_path / "data", [(64, 64)] * 3)
-    name = "000_mask.png" if split.startswith("ground_truth") else "000.png"
-    bad = write_bad_image(kind, root / CATEGORY / split / name)
+    bad = write_gray16(root / CATEGORY / "train/good/002.png")
     model, work = small_model(), tmp_path / "work"
-    with pytest.raises(ValueError, match=r"cannot use the (training|validation) images") as raised:
+    with pytest.raises(ValueError, match=GRAY16_MESSAGE) as raised:
         engine(work).fit(model=model, datamodule=datamodule(root))
     assert str(bad) in str(raised.value)
-    assert model.model.gaussian.count == 0
+    assert not model.model.gaussian.is_fitted
     assert not list(work.rglob("*.ckpt"))
 
 
-def write_folder_dataset(root: Path, bad_kind: str, bad_in: str) -> Path:
-    """A user's own JPEG photographs: good/ and defect/ folders, with one damaged file in ``bad_in``."""
-    for folder, seeds in (("good", range(4)), ("defect", range(50, 52))):
-        (root / folder).mkdir(parents=True)
-        for seed in seeds:
-            Image.fromarray(smooth_rgb(seed, 96, 128)).save(root / folder / f"{seed:03d}.jpg", quality=90)
-    return write_bad_image(bad_kind, root / bad_in / "damaged.jpg")
-
-
-@pytest.mark.parametrize(("bad_in", "kind"), [("good", "truncated_jpeg"), ("defect", "garbled_jpeg")])
-def test_damaged_jpeg_in_a_folder_dataset_is_named_before_the_first_batch(
-    bad_in: str, kind: str, tmp_path: Path
-) -> None:
-    bad = write_folder_dataset(tmp_path / "photos", kind, bad_in)
-    data = Folder(
-        name="photos",
-        root=tmp_path / "photos",
-        normal_dir="good",
-        abnormal_dir="defect",
-        val_split_mode="same_as_test",  # so every file is read by the fit, wherever the split puts it
-        num_workers=0,
-        seed=0,
-    )
-    model, work = small_model(), tmp_path / "work"
-    with pytest.raises(ValueError, match="(?s)" + REJECTED_IMAGE_MESSAGES[kind]) as raised:
-        engine(work).fit(model=model, datamodule=data)
-    assert str(bad) in str(raised.value)
-    assert "replace or remove them" in str(raised.value)
-    assert model.model.gaussian.count == 0
-    assert not list(work.rglob("*.ckpt"))
-
-
-def test_empty_training_folder_names_the_folder(tmp_path: Path) -> None:
+def test_empty_training_folder_gets_torchs_message(tmp_path: Path) -> None:
     root = write_mvtec(tmp_path / "data", [])
-    with pytest.raises(ValueError, match=r"MVTecAD found no training images .*category=part.*needs at least 2"):
+    with pytest.raises(ValueError, match=r"num_samples should be a positive integer value, but got num_samples=0"):
         engine(tmp_path / "work").fit(model=small_model(), datamodule=datamodule(root))
 
 
@@ -459,23 +386,23 @@ def overflowing(model: ConTNetPaDiMModel) -> ConTNetPaDiMModel:
     return model
 
 
-def test_features_overflowing_at_run_time_name_the_stage_in_training(small_runs: SmallRuns, tmp_path: Path) -> None:
+def test_features_overflowing_at_run_time_are_refused_in_training(small_runs: SmallRuns, tmp_path: Path) -> None:
     model = small_model()
     overflowing(model.model)
-    with pytest.raises(NonFiniteError, match=r"first appear in the output of backbone stage 'layer2' \(1 of 1 images"):
+    with pytest.raises(NonFiniteError, match=r"computed NaN/Inf features of training images. Check that the inputs"):
         engine(tmp_path / "work").fit(model=model, datamodule=datamodule(small_runs.root))
     assert model.model.gaussian.count == 0
 
 
-def test_features_overflowing_at_run_time_name_the_stage_in_prediction(small_runs: SmallRuns) -> None:
+def test_non_finite_inputs_or_features_are_refused_in_prediction(small_runs: SmallRuns) -> None:
     model = ConTNetPaDiM.load_from_checkpoint(small_runs.first.checkpoint).eval()
     images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(model.model(images).pred_score).all()
     images[1, 2, 5, 5] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"input images already hold NaN/Inf \(1 of 2 images\)"):
+    with pytest.raises(NonFiniteError, match=r"computed NaN/Inf anomaly scores"):
         model.model(images)
     overflowing(model.model)
-    with pytest.raises(NonFiniteError, match=r"backbone stage 'layer2' \(2 of 2 images\)"):
+    with pytest.raises(NonFiniteError, match=r"computed NaN/Inf anomaly scores"):
         model.model(images.nan_to_num(0.5))
 
 
@@ -504,7 +431,7 @@ def corrupted_checkpoint(source: Path, target: Path, key: str) -> Path:
 @pytest.mark.parametrize("key", ["model.feature_extractor.backbone.layer1.ConTBlock0.bn.weight", "model.gaussian.mean"])
 def test_checkpoint_holding_nan_is_refused_with_the_key(key: str, small_runs: SmallRuns, tmp_path: Path) -> None:
     damaged = corrupted_checkpoint(small_runs.first.checkpoint, tmp_path / "nan.ckpt", key)
-    pattern = rf"(?s)holds NaN/Inf values.*{re.escape(key)} \(1 of"
+    pattern = rf"(?s)holds NaN/Inf values.*1 tensors, first \['{re.escape(key)}'\]"
     with pytest.raises(ValueError, match=pattern):
         ConTNetPaDiM.load_from_checkpoint(damaged)
     model = small_model()
@@ -515,42 +442,19 @@ def test_checkpoint_holding_nan_is_refused_with_the_key(key: str, small_runs: Sm
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints
-def test_truncated_checkpoint(small_runs: SmallRuns, tmp_path: Path) -> None:
-    whole = small_runs.first.checkpoint.read_bytes()
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes(whole[: len(whole) // 3])
-    with pytest.raises(ValueError, match=r"truncated\.ckpt is not a readable PyTorch checkpoint .*probably truncated"):
-        ConTNetPaDiM.load_from_checkpoint(truncated)
-    # Through engine ckpt_path, Lightning reads the file itself: torch's own message, without the file name.
-    with pytest.raises(RuntimeError, match=r"PytorchStreamReader failed.*checkpoint file is corrupted"):
-        engine(tmp_path / "work").predict(
-            model=small_model(), datamodule=datamodule(small_runs.root), ckpt_path=truncated
-        )
-
-
-def test_files_that_are_not_checkpoints(tmp_path: Path) -> None:
-    text = tmp_path / "notes.ckpt"
-    text.write_text("not a checkpoint\n")
-    with pytest.raises(ValueError, match=r"notes\.ckpt is not a readable PyTorch checkpoint"):
-        ConTNetPaDiM.load_from_checkpoint(text)
-    listing = tmp_path / "list.ckpt"
-    torch.save([1, 2, 3], listing)
-    with pytest.raises(ValueError, match=r"list\.ckpt holds a list, not a checkpoint"):
-        ConTNetPaDiM.load_from_checkpoint(listing)
+def test_files_that_are_not_model_checkpoints(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "made": datetime.date(2020, 1, 1)}, foreign)  # a global safe loading refuses
-    with pytest.raises(ValueError, match=r"foreign\.ckpt holds Python objects that safe loading refuses.*datetime"):
+    with pytest.raises(pickle.UnpicklingError, match=r"Unsupported global.*datetime"):  # nothing from it runs
         ConTNetPaDiM.load_from_checkpoint(foreign)
     backbone_only = tmp_path / "contnet_ti.pth"
     torch.save(create_contnet("contnet_ti").state_dict(), backbone_only)
-    with pytest.raises(ValueError, match=r"has no state_dict.*weights=<file>"):
+    with pytest.raises(KeyError, match="pytorch-lightning_version"):  # Lightning's: not a Lightning checkpoint
         ConTNetPaDiM.load_from_checkpoint(backbone_only)
-    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt does not exist"):
-        ConTNetPaDiM.load_from_checkpoint(tmp_path / "missing.ckpt")
 
 
 def test_checkpoint_of_another_variant(small_runs: SmallRuns, tmp_path: Path) -> None:
-    """A contnet_s model's checkpoint given to a contnet_ti model: refused with both settings named."""
+    """A contnet_s model's checkpoint given to a contnet_ti model: refused by Lightning's strict loading."""
     checkpoint = torch.load(small_runs.first.checkpoint, weights_only=False)
     other = small_model(backbone="contnet_s").model.state_dict()
     checkpoint["state_dict"] = {
@@ -561,14 +465,10 @@ def test_checkpoint_of_another_variant(small_runs: SmallRuns, tmp_path: Path) ->
     path = tmp_path / "contnet_s.ckpt"
     torch.save(checkpoint, path)
 
-    model = small_model()
-    before = state_of(model.model)  # backbone and Gaussians; anomalib resets its post-processor per run
-    with pytest.raises(
-        ValueError, match=r"does not fit this ConTNetPaDiM: .*wrong shape.*backbone='contnet_s' in the checkpoint, "
-    ):
-        engine(tmp_path / "work").predict(model=model, datamodule=datamodule(small_runs.root), ckpt_path=path)
-    assert_state_unchanged(model.model, before)
-    with pytest.raises(ValueError, match=r"does not fit this ConTNetPaDiM: .*wrong shape: model\.feature_extractor"):
+    mismatch = r"size mismatch for model\.feature_extractor\.backbone\."
+    with pytest.raises(RuntimeError, match=mismatch):
+        engine(tmp_path / "work").predict(model=small_model(), datamodule=datamodule(small_runs.root), ckpt_path=path)
+    with pytest.raises(RuntimeError, match=mismatch):
         ConTNetPaDiM.load_from_checkpoint(path, backbone="contnet_ti")
     assert ConTNetPaDiM.load_from_checkpoint(path).hparams["backbone"] == "contnet_s"
 
@@ -588,10 +488,9 @@ def padim_checkpoint(small_runs: SmallRuns) -> Path:
 
 
 def test_checkpoint_of_another_model_class(padim_checkpoint: Path, small_runs: SmallRuns, tmp_path: Path) -> None:
-    # Refused from the file alone, before a ConTNetPaDiM is built from Padim's settings.
-    with pytest.raises(ValueError, match=r"is not a ConTNetPaDiM checkpoint.*'backbone': 'resnet18'.*Padim"):
+    with pytest.raises(ValueError, match=r"not a ConTNetPaDiM checkpoint.*anomalib's Padim"):
         ConTNetPaDiM.load_from_checkpoint(padim_checkpoint)
-    with pytest.raises(ValueError, match=r"this checkpoint is not a ConTNetPaDiM checkpoint"):
+    with pytest.raises(ValueError, match=r"not a ConTNetPaDiM checkpoint"):
         engine(tmp_path / "work").predict(
             model=small_model(), datamodule=datamodule(small_runs.root), ckpt_path=padim_checkpoint
         )
@@ -829,8 +728,10 @@ def test_fuzz_load_checkpoint_file_raises_only_weights_error(
     assert isinstance(checkpoint, dict)
 
 
-LOAD_FROM_CHECKPOINT_ERRORS = (ValueError, WeightsError)
-"""What ConTNetPaDiM.load_from_checkpoint is documented to raise for any bad file (docs/reliability.md)."""
+LOAD_FROM_CHECKPOINT_ERRORS = (ValueError, RuntimeError, KeyError, WeightsError)
+"""What ConTNetPaDiM.load_from_checkpoint is documented to raise for any bad file (docs/reliability.md): ours
+(ValueError: other format, NaN/Inf; bad settings), Lightning's strict loading (RuntimeError), a missing top-level
+entry (KeyError), the backbone's (WeightsError)."""
 
 
 @pytest.fixture(scope="module")

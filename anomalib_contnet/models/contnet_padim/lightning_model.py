@@ -26,54 +26,64 @@ all positions at once, and multi-device training (DDP) merges the statistics.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
-from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from PIL import Image
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from anomalib_contnet.models.contnet_padim.checkpoint_format import (
-    CHECKPOINT_FORMAT_VERSION,
-    FORMAT_KEY,
-    check_checkpoint_format,
-    check_checkpoint_state,
-    read_model_checkpoint,
-)
 from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
-from anomalib_contnet.models.contnet_padim.input_checks import (
-    check_image_files,
-    dataset_image_paths,
-    loader_datasets,
-    require_training_images,
-)
 from anomalib_contnet.models.contnet_padim.pre_processor import ConTNetPreProcessor
-from anomalib_contnet.models.contnet_padim.torch_model import ConTNetPaDiMModel, NotFittedError
+from anomalib_contnet.models.contnet_padim.torch_model import NOT_FITTED_MESSAGE, ConTNetPaDiMModel, NotFittedError
 from anomalib_contnet.models.staged_export import AtomicExportMixin
 
-__all__ = ["CHECKPOINT_FORMAT_VERSION", "ConTNetPaDiM"]
+__all__ = ["ConTNetPaDiM"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = (224, 224)
 
-BACKBONE_STATE_PREFIX = "model.feature_extractor.backbone."
-"""Where the backbone's parameters sit in this module's state_dict."""
+FORMAT_KEY = "anomalib_contnet_format_version"
+"""Top-level checkpoint entry that only ConTNetPaDiM checkpoints have: another model's checkpoint is refused by name."""
+FORMAT_VERSION = 2
+"""What the saved state means (version 2: the packed precision factor); other versions are refused on load."""
+
+HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+"""Pillow modes of one-channel images with more than 8 bits (16-bit PNG/TIFF, 32-bit integer or float).
+
+anomalib reads every image with ``Image.convert("RGB")``, which clips these values
+at 255 instead of scaling them: a 16-bit image becomes almost uniformly white, and
+the model would score that. 16-bit colour PNGs are not affected (Pillow reduces
+them to 8 bits per channel correctly).
+"""
 
 
-def _state_under(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of ``state_dict`` below ``prefix``, with the prefix removed."""
-    return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+def refuse_high_bit_depth(paths: Iterable[str] | None) -> None:
+    """Raise ValueError naming the files that anomalib would clip to white (it reads only their headers)."""
+    clipped = []
+    for path in paths or ():  # None: a batch built from tensors, not files
+        with Image.open(path) as image:
+            if image.mode in HIGH_BIT_DEPTH_MODES:
+                clipped.append(f"{path} (mode {image.mode})")
+    if clipped:
+        msg = (
+            "one-channel images with more than 8 bits per pixel: anomalib reads images with Pillow's "
+            "convert('RGB'), which clips such values at 255 instead of scaling them, so the model would see an "
+            "almost white image. Convert them to 8 bits first (16-bit: divide by 257; float: scale to 0..255): "
+            + ", ".join(clipped)
+        )
+        raise ValueError(msg)
 
 
 class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
@@ -94,9 +104,6 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         factor_dtype: storage of the Gaussians' packed precision factor, ``"float32"``
             (default) or ``"float16"``: float16 halves that part of the checkpoint again
             (scores move by about 2e-5 relative, AUROC unchanged; see docs/performance.md).
-        precision: compute type of the backbone, ``"float32"`` (default), ``"bfloat16"`` or
-            ``"float16"`` (autocast; the Gaussians and anomaly map stay float32; speed and
-            score effects in docs/performance.md).
         image_size: input size of the default pre-processor (at least 32 px; multiples of 224 need no padding).
         pre_processor, post_processor, evaluator, visualizer: anomalib components,
             ``True`` for the defaults.
@@ -119,7 +126,6 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         epsilon: float = 0.01,
         sigma: float = 4.0,
         factor_dtype: str = "float32",
-        precision: str = "float32",
         image_size: tuple[int, int] | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -136,7 +142,6 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             epsilon=epsilon,
             sigma=sigma,
             factor_dtype=factor_dtype,
-            precision=precision,
         )
         if pre_processor is True:
             mean, std = model.feature_extractor.normalization
@@ -171,11 +176,6 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         """Nothing is optimised: the backbone is frozen and the Gaussians are estimated in closed form."""
         return
 
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """Anomalib's default post-processor (thresholds and normalisation learned on validation data)."""
-        return PostProcessor()
-
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """One pass over the training data; devices and strategy are left to the user (DDP is supported)."""
@@ -204,40 +204,14 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         if extractor.shortcut is not None:  # ConTNet: saved with the checkpoint, which network was fitted
             self.hparams["shortcut"] = extractor.shortcut
 
-    def on_fit_start(self) -> None:
-        """Refuse an empty training set with a message that names the folder (before the data loader fails)."""
-        super().on_fit_start()
-        require_training_images(self.trainer.datamodule)
+    def configure_callbacks(self) -> list[Callback]:
+        """The component callbacks of anomalib, less those the trainer already holds from an earlier stage.
 
-    def on_train_start(self) -> None:
-        """Check the training and validation image files before the first batch is read."""
-        super().on_train_start()
-        self._check_image_files(self.trainer.train_dataloader, "training")
-        validation_data = getattr(self.trainer.datamodule, "val_data", None)
-        if validation_data is not None:
-            check_image_files(dataset_image_paths(validation_data), "validation")
-
-    def on_validation_start(self) -> None:
-        """Check the validation image files (unless fitting checked them), then fit the Gaussians if not done yet."""
-        if self.trainer.state.fn != TrainerFn.FITTING or getattr(self.trainer.datamodule, "val_data", None) is None:
-            self._check_image_files(self.trainer.val_dataloaders, "validation")
-        super().on_validation_start()
-
-    def on_test_start(self) -> None:
-        """Check the test image files before the first batch is read."""
-        super().on_test_start()
-        self._check_image_files(self.trainer.test_dataloaders, "test")
-
-    def on_predict_start(self) -> None:
-        """Check the image files to predict before the first batch is read."""
-        super().on_predict_start()
-        self._check_image_files(self.trainer.predict_dataloaders, "prediction")
-
-    @staticmethod
-    def _check_image_files(loaders: object, purpose: str) -> None:
-        """Fail early, naming the files, on images anomalib cannot read or would read wrongly (16-bit)."""
-        for dataset in loader_datasets(loaders):
-            check_image_files(dataset_image_paths(dataset), purpose)
+        Returned again, Lightning would replace them by themselves and log that they
+        "will override existing callbacks" at every ``Engine.test``/``predict`` after a fit.
+        """
+        attached = self._trainer.callbacks if self._trainer is not None else []
+        return [callback for callback in super().configure_callbacks() if all(callback is not a for a in attached)]
 
     def on_train_epoch_start(self) -> None:
         """Start a fit from scratch: count this process's samples anew and forget earlier statistics.
@@ -259,8 +233,9 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         (with its mock optimizer, as nothing is optimised) is what advances the
         global step that anomalib's checkpoint callback waits for before saving.
         """
+        refuse_high_bit_depth(batch.image_path)
         embedding = self.model.extract_embedding(batch.image)
-        self.model.raise_if_non_finite(embedding, batch.image)
+        self.model.raise_if_non_finite(embedding, "features of training images")
         keep = self._not_padding(embedding.shape[0])
         self.model.gaussian.update(embedding if keep is None else embedding[keep])
         return torch.zeros((), device=self.device, requires_grad=True)
@@ -297,87 +272,73 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         if gaussian.count == 0 and not fitting:
             if gaussian.is_fitted:
                 return
-            raise NotFittedError(self.model.not_fitted_message())
+            raise NotFittedError(NOT_FITTED_MESSAGE)
         logger.info("Fitting per-position Gaussians on %d training images.", gaussian.count)
         gaussian.fit()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ARG002
-        """Predict the validation batch (used by the post-processor to learn thresholds)."""
+        """Predict a batch: validation (the post-processor learns thresholds there), test and prediction alike.
+
+        Files anomalib would clip to white (16-bit one-channel) are refused first; reading
+        their headers is cheap beside the backbone.
+        """
+        refuse_high_bit_depth(batch.image_path)
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
+    test_step = predict_step = validation_step
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the checkpoint format so that a future, incompatible format is refused cleanly."""
+        """Mark the checkpoint as ConTNetPaDiM's, in the current format."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint[FORMAT_KEY] = CHECKPOINT_FORMAT_VERSION
+        checkpoint[FORMAT_KEY] = FORMAT_VERSION
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with the reason, checkpoints that are not ConTNetPaDiM's, newer, of other settings, or damaged.
+        """Refuse, with the reason, another model's checkpoint, another format, or NaN/Inf weights or Gaussians.
 
-        Runs for ``load_from_checkpoint`` and for ``engine.*(ckpt_path=...)``, before
-        any state is loaded, so a refused checkpoint leaves the model as it was.
+        Runs for ``load_from_checkpoint`` and for ``engine.*(ckpt_path=...)`` before any
+        state is loaded (Lightning's strict ``load_state_dict`` then checks names and
+        shapes), so a refused checkpoint leaves the model as it was. The ImageNet file is
+        never looked up: the checkpoint holds every backbone weight (see :meth:`setup`).
         """
-        check_checkpoint_format(checkpoint, "this checkpoint")
-        self.model.feature_extractor.match_saved_architecture(
-            _state_under(checkpoint["state_dict"], BACKBONE_STATE_PREFIX)
-        )
-        check_checkpoint_state(checkpoint, self, "this checkpoint")
+        version = checkpoint.get(FORMAT_KEY)
+        if version is None:
+            msg = (
+                f"not a ConTNetPaDiM checkpoint: it lacks the {FORMAT_KEY!r} entry every ConTNetPaDiM checkpoint "
+                "has. It was written by another model (for example anomalib's Padim, or a backbone weights file, "
+                "which is passed as weights=<file>); load it with the class that wrote it."
+            )
+            raise ValueError(msg)
+        if version != FORMAT_VERSION:
+            msg = (
+                f"this checkpoint has {FORMAT_KEY}={version!r}; this anomalib-contnet reads format {FORMAT_VERSION}. "
+                "Load it with the anomalib-contnet version that wrote it, or refit."
+            )
+            raise ValueError(msg)
+        state_dict = checkpoint["state_dict"]
+        non_finite = [
+            key
+            for key, value in state_dict.items()
+            if key.startswith("model.")
+            and torch.is_tensor(value)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ]
+        if non_finite:  # they would load silently, and exported graphs (which cannot check) would score NaN
+            msg = (
+                "this checkpoint holds NaN/Inf values, which would give NaN anomaly maps and scores; the file is "
+                "damaged or was saved from a model that diverged. Use an intact checkpoint or refit: "
+                f"{len(non_finite)} tensors, first {non_finite[:3]}"
+            )
+            raise ValueError(msg)
+        prefix = "model.feature_extractor.backbone."
+        backbone = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+        self.model.feature_extractor.match_saved_architecture(backbone)
         super().on_load_checkpoint(checkpoint)
         self._backbone_weights_in_place = True
 
-    @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls,
-        checkpoint_path: str | Path | IO,
-        map_location: Any = None,  # torch.load map_location: a device, string, dict or callable
-        hparams_file: str | Path | None = None,
-        strict: bool | None = None,
-        weights_only: bool = True,
-        **kwargs: Any,
-    ) -> ConTNetPaDiM:
-        """Load a trained model; unreadable files and other models' checkpoints are refused before anything is built.
-
-        Building first would run the constructor with another model's settings
-        (for anomalib's Padim: a timm backbone, possibly downloading its weights)
-        and then fail on the state with a long list of keys. Local files are
-        therefore inspected first (memory-mapped, so the second read by Lightning
-        costs little); file objects and URLs go straight to Lightning, and
-        :meth:`on_load_checkpoint` still checks them.
-
-        The checkpoint holds the backbone weights, so the ImageNet file is never
-        looked up (see :meth:`setup`): a trained model loads on a machine that never
-        had the ConTNet-B download, with the backbone architecture it was fitted with.
-        """
-        if isinstance(checkpoint_path, str | os.PathLike) and "://" not in str(checkpoint_path):
-            checkpoint = read_model_checkpoint(checkpoint_path, cls.checkpoint_safe_globals())
-            check_checkpoint_format(checkpoint, str(checkpoint_path))
-            if hparams_file is None and not isinstance(checkpoint.get("hyper_parameters"), dict):
-                msg = (
-                    f"{checkpoint_path} has no hyper_parameters, so the model it holds cannot be rebuilt; "
-                    "pass hparams_file=<the run's hparams.yaml>"
-                )
-                raise ValueError(msg)
-            del checkpoint
-        return super().load_from_checkpoint(
-            checkpoint_path,
-            map_location=map_location,
-            hparams_file=hparams_file,
-            strict=strict,
-            weights_only=weights_only,
-            **kwargs,
-        )
-
-    def to_onnx(self, *args: Any, **kwargs: Any) -> Path:
-        """Export to ONNX (OpenVINO goes through here too), refusing half precision before tracing starts.
-
-        Tracing would fail later inside torch.onnx, with our reason buried under its own.
-        """
-        if self.model.precision != "float32":
-            raise NotImplementedError(self.model.export_precision_message())
-        return super().to_onnx(*args, **kwargs)
-
     def to_torch(self, *args: Any, **kwargs: Any) -> Path:
-        """Export as a pickled module, refusing an unfitted model (it could only raise NotFittedError later)."""
+        """Export as a pickled module, refusing an unfitted model (which could only fail where it is deployed)."""
         if not self.model.gaussian.is_fitted:
-            raise NotFittedError(self.model.not_fitted_message())
+            raise NotFittedError(NOT_FITTED_MESSAGE)
         return super().to_torch(*args, **kwargs)

@@ -29,12 +29,11 @@ from typing import Any
 
 import torch
 from anomalib.pre_processing import PreProcessor
-from anomalib.pre_processing.utils.spec import spec_to_transform
 from anomalib.pre_processing.utils.transform import get_exportable_transform
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
-__all__ = ["AntialiasedResize", "ConTNetPreProcessor", "antialiased_resize"]
+__all__ = ["AntialiasedResize", "ConTNetPreProcessor"]
 
 
 def resampling_matrix(input_size: int, output_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -146,36 +145,5 @@ class ConTNetPreProcessor(PreProcessor):
         return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std)}
 
     def load_checkpoint_config(self, config: Mapping[str, Any]) -> None:
-        """Rebuild from :meth:`checkpoint_config`'s data, or from anomalib's spec that earlier versions stored.
-
-        Those earlier checkpoints hold ``Compose([Resize(size, antialias=True), Normalize(mean, std)])``
-        (the fitted computation, the same as this class's); anything else is refused.
-        """
-        if set(config) == {"image_size", "mean", "std"}:
-            image_size, mean, std = config["image_size"], config["mean"], config["std"]
-        elif set(config) == {"transform"}:
-            image_size, mean, std = _settings_of_stock_transform(spec_to_transform(config["transform"]))
-        else:
-            msg = f"unrecognised pre-processor settings in the checkpoint: {sorted(config)}; the file is damaged"
-            raise ValueError(msg)
-        self._configure(image_size, mean, std)
-
-
-def _settings_of_stock_transform(transform: object) -> tuple[Sequence[int], Sequence[float], Sequence[float]]:
-    """(size, mean, std) of ``Compose([Resize(size, bilinear, antialias=True), Normalize(mean, std)])``."""
-    steps = transform.transforms if isinstance(transform, Compose) else []
-    if (
-        len(steps) == 2
-        and isinstance(steps[0], Resize)
-        and isinstance(steps[1], Normalize)
-        and len(steps[0].size) == 2
-        and steps[0].interpolation == InterpolationMode.BILINEAR
-        and steps[0].antialias
-        and steps[0].max_size is None
-    ):
-        return steps[0].size, steps[1].mean, steps[1].std
-    msg = (
-        f"the checkpoint's pre-processor {transform!r} is not ConTNetPaDiM's antialiased resize and normalisation; "
-        "pass the pre-processor you trained with: ConTNetPaDiM.load_from_checkpoint(path, pre_processor=...)"
-    )
-    raise ValueError(msg)
+        """Rebuild from :meth:`checkpoint_config`'s data."""
+        self._configure(config["image_size"], config["mean"], config["std"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -25,10 +25,12 @@ from anomalib_contnet.models.contnet_padim.anomaly_map import AnomalyMapGenerato
 from anomalib_contnet.models.contnet_padim.feature_extractor import build_feature_extractor
 from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
 
-__all__ = ["PRECISIONS", "ConTNetPaDiMModel", "NonFiniteError", "NotFittedError"]
+__all__ = ["ConTNetPaDiMModel", "NonFiniteError", "NotFittedError"]
 
-PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-"""Compute types accepted for the backbone (``precision``); the Gaussians and the anomaly map are float32 always."""
+NOT_FITTED_MESSAGE = (
+    "ConTNetPaDiM has not been fitted: train it on normal images first (engine.fit / anomalib train) "
+    "or load a trained checkpoint (--ckpt_path / ConTNetPaDiM.load_from_checkpoint)."
+)
 
 
 class NotFittedError(RuntimeError):
@@ -36,7 +38,7 @@ class NotFittedError(RuntimeError):
 
 
 class NonFiniteError(FloatingPointError):
-    """Raised instead of returning NaN/Inf features, maps or scores; the message names where they first appear."""
+    """Raised instead of fitting NaN/Inf features or returning NaN/Inf maps and scores."""
 
 
 class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
@@ -54,29 +56,17 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         feature_seed: seed of that random choice; the chosen indices are saved with the model.
         epsilon: covariance regulariser.
         sigma: standard deviation of the anomaly-map smoothing.
-        factor_dtype: storage type of the Gaussians' precision factor: ``"float32"``
-            (default), or ``"float16"``, which halves the factor's bytes in the checkpoint
-            and the ONNX file (not in OpenVINO IR, whose converter widens it back) while
-            distances move by about 1e-4 relative (rounding of the factor); arithmetic is
-            float32 either way. See docs/performance.md, section 4.
-        precision: compute type of the backbone, ``"float32"`` (default), ``"bfloat16"``
-            or ``"float16"`` (the spelling of anomalib's ``PrecisionType``). The backbone
-            runs under ``torch.autocast`` in that type: its weights stay float32 (so
-            checkpoints, the lazy loading of pretrained weights and exports are unaffected)
-            and the embedding is cast back to float32 before the Gaussians, whose
-            statistics, parameters and distances, like the anomaly map, are float32 or
-            float64 whatever this says. Measured effect on speed and scores:
-            docs/performance.md.
+        factor_dtype: storage type of the Gaussians' precision factor, ``"float32"`` or
+            ``"float16"`` (see :class:`StreamingGaussian`).
+
+    Lightning's ``precision`` trainer setting (``"bf16-mixed"``, ``"16-mixed"``) runs the
+    backbone under autocast; the Gaussians and the anomaly map stay float32 whatever it says.
 
     Attributes:
         tiler: an anomalib ``Tiler`` (set by ``TilerConfigurationCallback``) or ``None``.
-            Fitting memory grows with the grid of the whole tiled image: while fitting,
-            every position holds a float64 ``D x D`` scatter matrix, ``P·D²·8`` bytes for
-            ``P`` positions and ``D`` dimensions (plus a ``P·64·D·8`` byte sample buffer);
-            afterwards the packed float32 precision factor takes about ``P·0.54·D²·4``
-            bytes at ``D = 1536``. ``contnet_b`` (D = 1536) at 448 px in 224 px tiles
-            (14x14 = 196 positions) accumulates 3.7 GB; ``n_features`` cuts that
-            quadratically (550 dimensions: 0.47 GB). Tables: docs/performance.md.
+            Fitting memory grows with the grid of the whole tiled image (one float64
+            ``D x D`` scatter matrix per position; ``n_features`` cuts it quadratically):
+            docs/performance.md has the tables.
     """
 
     def __init__(
@@ -90,13 +80,8 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         epsilon: float = 0.01,
         sigma: float = 4.0,
         factor_dtype: str = "float32",
-        precision: str = "float32",
     ) -> None:
         super().__init__()
-        if precision.lower() not in PRECISIONS:
-            msg = f"precision must be one of {list(PRECISIONS)}, got {precision!r}"
-            raise ValueError(msg)
-        self.precision = precision.lower()
         self._tiler: Tiler | None = None
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained, weights)
         total_features = sum(self.feature_extractor.out_channels.values())
@@ -150,15 +135,6 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
         self._tiler = tiler
 
-    @contextlib.contextmanager
-    def _backbone_precision(self, device: torch.device) -> Iterator[None]:
-        """Run the enclosed backbone calls in ``self.precision`` (autocast); float32 changes nothing."""
-        if self.precision == "float32":
-            yield
-            return
-        with torch.autocast(device_type=device.type, dtype=PRECISIONS[self.precision]):
-            yield
-
     def _tiles(self, images: torch.Tensor) -> torch.Tensor:
         """The images cut into tiles when a tiler is set (records the layout in the tiler), else the images."""
         return images if self.tiler is None else self.tiler.tile(images)
@@ -170,8 +146,7 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
 
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The embedding, and the size in pixels its grid covers (the image's, or more when padded tiles stick out)."""
-        with self._backbone_precision(images.device):
-            features = self.feature_extractor(self._tiles(images))
+        features = self.feature_extractor(self._tiles(images))
         maps = [features[layer] for layer in self.feature_extractor.layers]
         grid = max((feature.shape[-2:] for feature in maps), key=lambda size: size[0] * size[1])
         resized = [feature if feature.shape[-2:] == grid else F.interpolate(feature, size=grid) for feature in maps]
@@ -207,71 +182,15 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         return untiled, (rows * cell_size[0], columns * cell_size[1])
 
     @staticmethod
-    def not_fitted_message() -> str:
-        """What to do when a model without fitted Gaussians is asked to predict or be exported."""
-        return (
-            "ConTNetPaDiM has not been fitted: train it on normal images first (engine.fit / anomalib train) "
-            "or load a trained checkpoint (--ckpt_path / ConTNetPaDiM.load_from_checkpoint)."
-        )
-
-    def export_precision_message(self) -> str:
-        """Why a model with ``precision`` other than float32 is not exported to ONNX/OpenVINO, and what to do.
-
-        The autocast becomes ``Cast`` nodes to bfloat16/float16 in front of every
-        convolution and matrix product of the graph. Tried with bfloat16: ONNX Runtime
-        refuses to load the file (no bfloat16 ``Conv``) and OpenVINO's ONNX front end
-        fails to convert it. The weights are float32 anyway, so a float32 export loses
-        nothing; the runtime then chooses the precision it computes in.
-        """
-        return (
-            f"ConTNetPaDiM with precision={self.precision!r} cannot be exported to ONNX/OpenVINO: the autocast "
-            f"puts {self.precision} casts before every convolution, and ONNX Runtime and OpenVINO's ONNX reader "
-            "reject such graphs. The weights are float32, so set model.model.precision = 'float32' before exporting "
-            "and choose the runtime's precision instead (OpenVINO: INFERENCE_PRECISION_HINT 'bf16' on CPUs with "
-            "bfloat16 support, or compression_type=CompressionType.FP16); ExportType.TORCH keeps the precision."
-        )
-
-    def raise_if_non_finite(self, values: torch.Tensor, images: torch.Tensor) -> None:
-        """Raise NonFiniteError when ``values`` (computed from ``images``) hold NaN or Inf.
-
-        One reduction over ``values`` on the normal path; only when it fails are
-        the images run through the backbone again, stage by stage, to name the
-        first stage whose output is not finite.
-        """
-        if bool(torch.isfinite(values).all()):
-            return
-        msg = f"ConTNetPaDiM computed NaN/Inf values: {self._locate_non_finite(images)}"
-        raise NonFiniteError(msg)
-
-    @torch.no_grad()
-    def _locate_non_finite(self, images: torch.Tensor) -> str:
-        """Describe where NaN/Inf first appear for ``images``: the input, a backbone stage, or the Gaussian."""
-        total = images.shape[0]
-
-        def count_bad(tensor: torch.Tensor) -> int:
-            return int((~torch.isfinite(tensor)).flatten(1).any(dim=1).sum())
-
-        if bad := count_bad(images):
-            return (
-                f"the input images already hold NaN/Inf ({bad} of {total} images). Check the image files and "
-                "any custom pre-processing."
+    def raise_if_non_finite(values: torch.Tensor, what: str) -> None:
+        """Raise NonFiniteError when ``values`` hold NaN or Inf: one reduction, and a message saying what to check."""
+        if not bool(torch.isfinite(values).all()):
+            msg = (
+                f"ConTNetPaDiM computed NaN/Inf {what}. Check that the inputs are finite, ordinary 8-bit pictures "
+                "(custom pre-processing included) and that the backbone weights are intact (anomalib-contnet weights "
+                "--help); a fitted model: refit it or load an intact checkpoint."
             )
-        with self._backbone_precision(images.device):
-            outputs = self.feature_extractor.stage_outputs(self._tiles(images))
-        for stage, output in outputs.items():
-            if bad := count_bad(output):
-                return (
-                    f"they first appear in the output of backbone stage {stage!r} ({bad} of {total} images). The "
-                    "backbone weights are damaged or overflow on these inputs: reload the ImageNet weights "
-                    "(anomalib-contnet weights --help) and check that the images are ordinary 8-bit pictures."
-                )
-        gaussian = self.gaussian
-        if not (bool(torch.isfinite(gaussian.mean).all()) and bool(torch.isfinite(gaussian.precision_factor).all())):
-            return "the fitted Gaussian parameters hold NaN/Inf; refit the model or load an intact checkpoint."
-        return (
-            "the backbone features are finite but their Mahalanobis distance overflows float32: these inputs lie "
-            "extremely far from the training images. Check the images and the pre-processing."
-        )
+            raise NonFiniteError(msg)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Anomaly map (B, 1, H, W) and image score (B, 1) = the map's maximum.
@@ -280,14 +199,9 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         reduction over B numbers). Under ``torch.export``/``torch.compile`` the
         check is left out, because a data-dependent branch cannot be exported;
         exported graphs come from models whose weights were checked on load.
-
-        Tracing for export (ONNX, OpenVINO) refuses ``precision`` other than float32:
-        see :meth:`export_precision_message`.
         """
         if not self.gaussian.is_fitted:
-            raise NotFittedError(self.not_fitted_message())
-        if self.precision != "float32" and torch.compiler.is_exporting():
-            raise NotImplementedError(self.export_precision_message())
+            raise NotFittedError(NOT_FITTED_MESSAGE)
         with torch.no_grad():
             embedding, covered_size = self._embed(images)
         fitted_positions = self.gaussian.mean.shape[0]
@@ -298,9 +212,15 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
                 "with the image size and tiling (TilerConfigurationCallback) the model was trained with"
             )
             raise ValueError(msg)
-        distances = self.gaussian(embedding)
-        anomaly_map = self.anomaly_map_generator(distances, covered_size)[..., : images.shape[-2], : images.shape[-1]]
+        # Under Lightning's mixed precision only the backbone runs in 16 bits: distances in bfloat16 would lose
+        # the third significant digit. Not entered while exporting (no autocast there, and no context in the graph).
+        device = images.device.type
+        full_precision = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else None
+        with full_precision or contextlib.nullcontext():
+            distances = self.gaussian(embedding)
+            anomaly_map = self.anomaly_map_generator(distances, covered_size)
+        anomaly_map = anomaly_map[..., : images.shape[-2], : images.shape[-1]]
         pred_score = torch.amax(anomaly_map, dim=(-2, -1))  # NaN anywhere in a map propagates to its score
         if not torch.compiler.is_compiling():  # True while torch.export / torch.onnx.export(dynamo=True) trace
-            self.raise_if_non_finite(pred_score, images)
+            self.raise_if_non_finite(pred_score, "anomaly scores")
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
