@@ -153,3 +153,24 @@ def test_onnx_export_computes_the_same_and_holds_the_basis_once(count: int, tmp_
     np.testing.assert_allclose(exported, gaussian(test).numpy(), rtol=1e-5)
     stored = sum(np.prod(init.dims) * 4 for init in onnx.load(str(path)).graph.initializer)
     assert gaussian.basis.nbytes <= stored < 1.2 * gaussian.basis.nbytes + gaussian.mean.nbytes
+
+
+def test_epsilon_negligible_beside_the_variances_still_fits() -> None:
+    """Variances near 1e12 and epsilon 1e-9: no factorisation can fail, and the distances stay exact.
+
+    Solving with the D x D covariance in float64 breaks down here (condition number 1e21),
+    so the reference splits the residual by an SVD of the centred samples: inside their
+    span it is weighted by 1/(variance + epsilon), outside by 1/epsilon.
+    """
+    train, test = features(3, seed=0) * 1e6, features(2, seed=1) * 1e6
+    gaussian = fit_in_batches(train, [3], epsilon=1e-9)
+    samples, queries = train.double().flatten(2).permute(2, 0, 1), test.double().flatten(2).permute(2, 0, 1)
+    mean = samples.mean(dim=1, keepdim=True)
+    _, singular, directions = torch.linalg.svd(samples - mean, full_matrices=False)
+    directions, variances = directions[:, :2], singular[:, :2].square() / 2  # rank N - 1 = 2
+    residual = queries - mean
+    inside = residual @ directions.mT
+    outside = residual - inside @ directions
+    squared = outside.square().sum(-1) / 1e-9 + (inside.square() / (variances.unsqueeze(1) + 1e-9)).sum(-1)
+    expected = squared.sqrt().T.reshape(2, 2, 3).numpy()
+    np.testing.assert_allclose(gaussian(test).squeeze(1).double().numpy(), expected, rtol=1e-4)

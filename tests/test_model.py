@@ -170,7 +170,7 @@ def test_missing_pretrained_weights_fail_when_fitting_starts(tiny_mvtec, tmp_pat
         Engine(default_root_dir=tmp_path, logger=False).fit(model=model, datamodule=datamodule)
     assert "ANOMALIB_CONTNET_WEIGHTS" in str(raised.value)
     assert str(tmp_path / "empty-cache") in str(raised.value)
-    assert model.model.gaussian.count == 0
+    assert model.model.gaussian.samples_seen == 0
 
 
 def test_pre_processor_resizes_to_224_and_normalises_like_imagenet() -> None:

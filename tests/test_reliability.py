@@ -270,10 +270,27 @@ def test_empty_folder_datamodule_is_refused_by_anomalib(tmp_path: Path) -> None:
         engine(tmp_path / "work").fit(model=small_model(), datamodule=data)
 
 
-def test_single_training_image_fails_the_fit_with_the_reason(tmp_path: Path) -> None:
-    root = write_mvtec(tmp_path / "data", [(64, 64)])
-    with pytest.raises(ValueError, match=r"needs at least 2 training images, got 1"):
-        engine(tmp_path / "work").fit(model=small_model(), datamodule=datamodule(root))
+@pytest.mark.parametrize(
+    ("count", "meaning"),
+    [
+        (1, "1 training image: the covariance is epsilon"),
+        (4, "the Gaussians span only 3 directions"),
+        (16, f"16 training images for {N_FEATURES} feature dimensions"),
+    ],
+)
+def test_few_training_images_fit_and_predict_finite_scores_with_what_they_mean(
+    count: int, meaning: str, tmp_path: Path
+) -> None:
+    root = write_mvtec(tmp_path / "data", [(64, 64)] * count)
+    model, run = small_model(), engine(tmp_path / "work")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.fit(model=model, datamodule=datamodule(root, train_batch_size=4))
+    shown = [str(item.message) for item in caught if "training image" in str(item.message)]
+    assert len(shown) == 1 and meaning in shown[0], shown
+    predictions = run.predict(model=model, data_path=root / CATEGORY / "test")
+    assert int(model.model.gaussian.count) == count
+    assert all(torch.isfinite(batch.pred_score).all() and torch.isfinite(batch.anomaly_map).all() for batch in predictions)
 
 
 def test_fewer_images_than_dimensions_fits_and_warns_once_per_fit(small_runs: SmallRuns) -> None:
@@ -281,9 +298,9 @@ def test_fewer_images_than_dimensions_fits_and_warns_once_per_fit(small_runs: Sm
     assert (
         small_runs.singular_warnings
         == [
-            f"3 training images for {N_FEATURES} feature dimensions: the sample covariance is singular and only the "
-            "regulariser epsilon=0.01 makes it invertible, so epsilon strongly influences the scores. More training "
-            "images, or n_features < number of images, reduce this."
+            f"3 training images for {N_FEATURES} feature dimensions: the Gaussians span only 2 directions, and "
+            f"distances in the other {N_FEATURES - 2} are Euclidean divided by sqrt(epsilon=0.01), so epsilon strongly "
+            "influences the scores. More training images, or n_features below the number of images, reduce this."
         ]
         * 2
     )
@@ -340,7 +357,7 @@ def test_refitting_uses_the_new_images_and_mixed_sizes_share_a_batch(small_runs:
     fit(mixed, tmp_path / "refit", refit, train_batch_size=3)
     assert not torch.equal(refit.model.gaussian.mean, before)
     assert torch.equal(refit.model.gaussian.mean, fresh.model.gaussian.mean)
-    assert torch.isfinite(fresh.model.gaussian.precision_factor).all()
+    assert torch.isfinite(fresh.model.gaussian.basis).all()
 
 
 # ------------------------------------------------------------------------------------------ non-finite values
@@ -354,29 +371,7 @@ def test_backbone_weights_file_with_nan_is_refused_when_fitting_starts(small_run
     with pytest.raises(WeightsError, match=r"layer2\.ConTBlock0\.ste1\.attn\.qkv\.weight holds 1 NaN/Inf"):
         engine(tmp_path / "work").fit(model=model, datamodule=datamodule(small_runs.root))
     assert_state_unchanged(model.model, before)
-    assert model.model.gaussian.count == 0
-
-
-def test_factorisation_failure_names_the_causes_and_a_fix_that_works() -> None:
-    """Features of variance ~1e12 on 3 images: epsilon=1e-9 is lost in float64 rounding; the suggested one fits."""
-    embedding = torch.randn(3, N_FEATURES, 2, 2, generator=torch.Generator().manual_seed(0)) * 1e6
-    gaussian = StreamingGaussian(epsilon=1e-9)
-    gaussian.update(embedding)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the singular-covariance warning of this regime, tested elsewhere
-        with pytest.raises(ValueError, match="not positive definite even with epsilon=1e-09") as raised:
-            gaussian.fit()
-    message = str(raised.value)
-    assert f"3 training images for {N_FEATURES} feature dimensions" in message
-    assert "constant or copies of each other" in message
-    suggested = float(re.search(r"raise epsilon to ([0-9.e+-]+) or more", message).group(1))
-    assert suggested > 1e-9
-    refit = StreamingGaussian(epsilon=suggested)
-    refit.update(embedding)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        refit.fit()
-    assert torch.isfinite(refit.precision_factor).all()
+    assert model.model.gaussian.samples_seen == 0
 
 
 def overflowing(model: ConTNetPaDiMModel) -> ConTNetPaDiMModel:
@@ -391,7 +386,7 @@ def test_features_overflowing_at_run_time_are_refused_in_training(small_runs: Sm
     overflowing(model.model)
     with pytest.raises(NonFiniteError, match=r"computed NaN/Inf features of training images. Check that the inputs"):
         engine(tmp_path / "work").fit(model=model, datamodule=datamodule(small_runs.root))
-    assert model.model.gaussian.count == 0
+    assert model.model.gaussian.samples_seen == 0
 
 
 def test_non_finite_inputs_or_features_are_refused_in_prediction(small_runs: SmallRuns) -> None:

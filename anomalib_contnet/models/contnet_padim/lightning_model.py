@@ -19,8 +19,9 @@ Choices the paper leaves open, and what this implementation does:
   encoders' maps to whole patches and masks the padding; multiples of 224 need none).
 
 Engineering differences from anomalib's Padim: training embeddings are never
-stored (streaming statistics, constant memory), the covariance is factorised for
-all positions at once, and multi-device training (DDP) merges the statistics.
+stored (streaming statistics), each Gaussian is kept at its exact minimal size
+(``min(N - 1, D)`` principal directions), new images can be added to a fitted
+model (``incremental``), and multi-device training (DDP) merges the statistics.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ DEFAULT_IMAGE_SIZE = (224, 224)
 
 FORMAT_KEY = "anomalib_contnet_format_version"
 """Top-level checkpoint entry that only ConTNetPaDiM checkpoints have: another model's checkpoint is refused by name."""
-FORMAT_VERSION = 2
-"""What the saved state means (version 2: the packed precision factor); other versions are refused on load."""
+FORMAT_VERSION = 3
+"""What the saved state means (3: mean, principal directions, variances, count); other versions are refused."""
 
 HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 """Pillow modes of one-channel images with more than 8 bits (16-bit PNG/TIFF, 32-bit integer or float).
@@ -101,9 +102,9 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         feature_seed: seed of that subset.
         epsilon: covariance regulariser ``εI``.
         sigma: anomaly-map smoothing in pixels.
-        factor_dtype: storage of the Gaussians' packed precision factor, ``"float32"``
-            (default) or ``"float16"``: float16 halves that part of the checkpoint again
-            (scores move by about 2e-5 relative, AUROC unchanged; see docs/performance.md).
+        incremental: a fit adds its images to the fitted Gaussians instead of starting
+            afresh: ``load_from_checkpoint(path, incremental=True)`` then ``Engine().fit``
+            gives the Gaussians of one fit on the earlier and the new images together.
         image_size: input size of the default pre-processor (at least 32 px; multiples of 224 need no padding).
         pre_processor, post_processor, evaluator, visualizer: anomalib components,
             ``True`` for the defaults.
@@ -125,7 +126,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         feature_seed: int = 0,
         epsilon: float = 0.01,
         sigma: float = 4.0,
-        factor_dtype: str = "float32",
+        incremental: bool = False,
         image_size: tuple[int, int] | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -141,7 +142,6 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             feature_seed=feature_seed,
             epsilon=epsilon,
             sigma=sigma,
-            factor_dtype=factor_dtype,
         )
         if pre_processor is True:
             mean, std = model.feature_extractor.normalization
@@ -153,6 +153,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             visualizer=visualizer,
         )
         self.model: ConTNetPaDiMModel = model
+        self.incremental = incremental
         self._train_samples_seen = 0
         self._backbone_weights_in_place = not model.feature_extractor.wants_pretrained
 
@@ -214,7 +215,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         return [callback for callback in super().configure_callbacks() if all(callback is not a for a in attached)]
 
     def on_train_epoch_start(self) -> None:
-        """Start a fit from scratch: count this process's samples anew and forget earlier statistics.
+        """Start a fit: from scratch, or (``incremental``) from the fitted Gaussians' statistics.
 
         Fitting an already fitted model (a second ``engine.fit``) must fit the new
         data, so the fitted flag is cleared here; otherwise the memory-bank hooks
@@ -222,7 +223,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         """
         super().on_train_epoch_start()
         self._train_samples_seen = 0
-        self.model.gaussian.reset_statistics()
+        self.model.gaussian.reset_statistics(continue_from_fit=self.incremental)
         self._is_fitted = torch.tensor([False], device=self.device)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor:  # noqa: ARG002 (Lightning signature)
@@ -269,11 +270,11 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         """
         gaussian = self.model.gaussian
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if gaussian.count == 0 and not fitting:
+        if gaussian.samples_seen == 0 and not fitting:
             if gaussian.is_fitted:
                 return
             raise NotFittedError(NOT_FITTED_MESSAGE)
-        logger.info("Fitting per-position Gaussians on %d training images.", gaussian.count)
+        logger.info("Fitting per-position Gaussians on %d training images.", gaussian.samples_seen)
         gaussian.fit()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ARG002
@@ -334,6 +335,10 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         prefix = "model.feature_extractor.backbone."
         backbone = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
         self.model.feature_extractor.match_saved_architecture(backbone)
+        if self.incremental and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            # `fit --ckpt_path` would resume the finished epoch and fit nothing: without the loops'
+            # progress Lightning runs a new epoch, which adds its images to the restored Gaussians.
+            checkpoint.pop("loops", None)
         super().on_load_checkpoint(checkpoint)
         self._backbone_weights_in_place = True
 

@@ -56,16 +56,14 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         feature_seed: seed of that random choice; the chosen indices are saved with the model.
         epsilon: covariance regulariser.
         sigma: standard deviation of the anomaly-map smoothing.
-        factor_dtype: storage type of the Gaussians' precision factor, ``"float32"`` or
-            ``"float16"`` (see :class:`StreamingGaussian`).
 
     Lightning's ``precision`` trainer setting (``"bf16-mixed"``, ``"16-mixed"``) runs the
     backbone under autocast; the Gaussians and the anomaly map stay float32 whatever it says.
 
     Attributes:
         tiler: an anomalib ``Tiler`` (set by ``TilerConfigurationCallback``) or ``None``.
-            Fitting memory grows with the grid of the whole tiled image (one float64
-            ``D x D`` scatter matrix per position; ``n_features`` cuts it quadratically):
+            Fitting memory grows with the grid of the whole tiled image (per position, the
+            centred float64 samples while fewer than ``D``, then one ``D x D`` scatter matrix):
             docs/performance.md has the tables.
     """
 
@@ -79,7 +77,6 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         feature_seed: int = 0,
         epsilon: float = 0.01,
         sigma: float = 4.0,
-        factor_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self._tiler: Tiler | None = None
@@ -87,7 +84,7 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         total_features = sum(self.feature_extractor.out_channels.values())
         self.register_buffer("feature_index", self._choose_features(total_features, n_features, feature_seed))
         self.feature_index: torch.Tensor
-        self.gaussian = StreamingGaussian(epsilon, factor_dtype)
+        self.gaussian = StreamingGaussian(epsilon)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma)
 
     @staticmethod
