@@ -17,6 +17,7 @@ checkpoint filter checks every key, shape and value before anything loads.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,7 +71,7 @@ def _named_source(variant: str, pretrained_cfg: Any, overlay: dict[str, Any]) ->
     return None if cfg.url == PUBLISHED_URLS.get(variant) else cfg.url
 
 
-def _shortcut_to_build(path: Any, requested: bool | None) -> bool | None:
+def _shortcut_to_build(path: Path, requested: bool | None) -> bool | None:
     """The ``avg_down`` that the file's keys spell; an explicit request may not contradict it (None: no such key)."""
     try:
         spelled = shortcut_of_state_dict(checkpoint_keys(path))
