@@ -335,12 +335,31 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         prefix = "model.feature_extractor.backbone."
         backbone = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
         self.model.feature_extractor.match_saved_architecture(backbone)
-        if self.incremental and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            # `fit --ckpt_path` would resume the finished epoch and fit nothing: without the loops'
-            # progress Lightning runs a new epoch, which adds its images to the restored Gaussians.
-            checkpoint.pop("loops", None)
+        if self.incremental and self._trainer is not None:
+            self._continue_from(checkpoint)
         super().on_load_checkpoint(checkpoint)
         self._backbone_weights_in_place = True
+
+    def _continue_from(self, checkpoint: dict[str, Any]) -> None:
+        """Let ``fit --ckpt_path`` add images to the checkpoint's Gaussians; refuse reloading them over a newer fit.
+
+        Lightning would resume the finished epoch and fit nothing: without the loops'
+        progress it runs a new epoch, which adds its images to the restored Gaussians.
+        ``anomalib train --ckpt_path`` tests with the same checkpoint after fitting, which
+        would put the earlier Gaussians back and report their metrics as the new model's.
+        """
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            checkpoint.pop("loops", None)
+            return
+        saved_count = int(checkpoint["state_dict"].get("model.gaussian.count", 0))
+        if self.model.gaussian.is_fitted and saved_count < int(self.model.gaussian.count):
+            msg = (
+                f"this checkpoint holds Gaussians of {saved_count} images, but the model was just fitted incrementally "
+                f"on {int(self.model.gaussian.count)}: loading it would evaluate the earlier model. The incremental "
+                "fit's own checkpoint is saved; fit with `anomalib fit ... --ckpt_path <old>`, then test with "
+                "`anomalib test --ckpt_path <new checkpoint>`."
+            )
+            raise ValueError(msg)
 
     def to_torch(self, *args: Any, **kwargs: Any) -> Path:
         """Export as a pickled module, refusing an unfitted model (which could only fail where it is deployed)."""

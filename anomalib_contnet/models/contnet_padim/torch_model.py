@@ -51,7 +51,7 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
             patch is repeated over the finer patches it covers, PaDiM's choice) to the
             finest selected grid.
         pre_trained: load ImageNet weights for the backbone.
-        weights: local path or URL of backbone weights (see ``anomalib_contnet.backbones.weights``).
+        weights: local path or URL of backbone weights (see ``anomalib_contnet.backbones.weight_files``).
         n_features: keep only this many randomly chosen embedding channels (all when ``None``).
         feature_seed: seed of that random choice; the chosen indices are saved with the model.
         epsilon: covariance regulariser.
