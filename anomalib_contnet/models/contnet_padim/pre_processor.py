@@ -60,12 +60,6 @@ def resampling_matrix(input_size: int, output_size: int, like: torch.Tensor) -> 
 
 def antialiased_resize(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Resize the last two axes of a floating-point tensor ``(..., H, W)`` to ``size = (height, width)``."""
-    if not images.is_floating_point():
-        msg = (
-            f"AntialiasedResize needs floating-point images (values in [0, 1]), got {images.dtype}; "
-            "convert first, e.g. torchvision.transforms.v2.functional.to_dtype(image, torch.float32, scale=True)"
-        )
-        raise TypeError(msg)
     height, width = size
     rows = resampling_matrix(images.shape[-2], height, images)
     columns = resampling_matrix(images.shape[-1], width, images)
@@ -102,15 +96,12 @@ class AntialiasedResize(Resize):
         """Ignored (see the class docstring): anomalib's export copy sets ``False`` here."""
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        """Resize an image, video or plain tensor antialiased and a mask with nearest neighbour; refuse boxes."""
-        if isinstance(inpt, tv_tensors.Mask):
-            return super().transform(inpt, params)
+        """Resize an image, video or plain tensor antialiased; masks (nearest neighbour) and boxes as torchvision."""
         if isinstance(inpt, tv_tensors.Image | tv_tensors.Video):
             return tv_tensors.wrap(antialiased_resize(inpt.as_subclass(torch.Tensor), self.size), like=inpt)
         if isinstance(inpt, torch.Tensor) and not isinstance(inpt, tv_tensors.TVTensor):
             return antialiased_resize(inpt, self.size)
-        msg = f"AntialiasedResize resizes images and masks, not {type(inpt).__name__}"
-        raise TypeError(msg)
+        return super().transform(inpt, params)
 
 
 class ConTNetPreProcessor(PreProcessor):
