@@ -195,7 +195,7 @@ def test_checkpoint_of_another_format_is_refused(trained_model, tmp_path) -> Non
     checkpoint["anomalib_contnet_format_version"] = 99
     newer = tmp_path / "newer.ckpt"
     torch.save(checkpoint, newer)
-    with pytest.raises(ValueError, match="anomalib_contnet_format_version=99; this anomalib-contnet reads format 2"):
+    with pytest.raises(ValueError, match="anomalib_contnet_format_version=99; this anomalib-contnet reads format 3"):
         ConTNetPaDiM.load_from_checkpoint(newer)
 
 
