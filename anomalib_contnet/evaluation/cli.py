@@ -66,17 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"seed of the subset and of random initialisation ({DEFAULT_SEED}, as anomalib's tables)",
     )
     parser.add_argument(
-        "--ablation",
-        action="store_true",
-        help="also run each open choice of the paper's setting, one at a time, for every ConTNetPaDiM configuration "
-        "(layers, input size, centre crop, epsilon, pixel AUROC at mask size)",
-    )
-    parser.add_argument(
-        "--plan",
-        action="store_true",
-        help="list the jobs (finished / to run), write the table of the finished ones, run none",
-    )
-    parser.add_argument(
         "--coreset-ratio",
         type=float,
         default=DEFAULT_CORESET_RATIO,
@@ -103,8 +92,6 @@ def _canonical_command(args: argparse.Namespace) -> str:
     if args.configs:
         words += ["--configs", args.configs]
     words += ["--max-train", str(args.max_train), "--max-test", str(args.max_test), "--out", str(args.out)]
-    if args.ablation:
-        words.append("--ablation")
     words += [
         "--image-size",
         str(args.image_size),
@@ -135,8 +122,6 @@ def _run(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             seed=args.seed,
             coreset_ratio=args.coreset_ratio,
-            ablation=args.ablation,
-            plan_only=args.plan,
             allow_download=args.allow_download,
             job_timeout_s=args.job_timeout,
             keep_checkpoints=args.keep_checkpoints,

