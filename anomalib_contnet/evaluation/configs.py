@@ -28,7 +28,7 @@ __all__ = [
     "resolve_job_weights",
 ]
 
-Family = Literal["contnet_padim", "padim", "patchcore"]
+Family = Literal["contnet_padim", "padim", "patchcore", "mhpatchcore"]
 
 OFFLINE_EFFICIENTNET_LABEL = "ImageNet (offline efficientnet-lite0 package)"
 RANDOM_INIT_LABEL = "random init"
@@ -50,7 +50,13 @@ class ModelConfig:
     @property
     def display_model(self) -> str:
         """The model's class name as users know it."""
-        return {"contnet_padim": "ConTNetPaDiM", "padim": "Padim", "patchcore": "Patchcore"}[self.family]
+        names = {
+            "contnet_padim": "ConTNetPaDiM",
+            "padim": "Padim",
+            "patchcore": "Patchcore",
+            "mhpatchcore": "MHPatchcore",
+        }
+        return names[self.family]
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
@@ -86,6 +92,10 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         ModelConfig("patchcore_contnet_b", "patchcore", "contnet_b", ("layer2", "layer3")),
         # Patchcore's mid-level features (strides 8 and 16), like layer2/layer3 of a ResNet.
         ModelConfig("patchcore_efficientnet_lite0", "patchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
+        # anomalib 2.7's MHPatchcore (PCA, shrinkage covariance, whitened coreset) on Patchcore's layers; its own
+        # default, wide_resnet50_2.tv2_in1k, has no offline weights.
+        ModelConfig("mhpatchcore_efficientnet_lite0", "mhpatchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
+        ModelConfig("mhpatchcore_contnet_b", "mhpatchcore", "contnet_b", ("layer2", "layer3")),
     )
 }
 """Every configuration the benchmark knows, by name."""

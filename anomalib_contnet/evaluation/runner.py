@@ -13,6 +13,7 @@ by all jobs.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -34,11 +35,11 @@ from anomalib_contnet.evaluation.configs import (
     ModelConfig,
     resolve_job_weights,
 )
+from anomalib_contnet.evaluation.few_shot import few_shot_markdown, few_shot_points, plot_few_shot
 from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, expand_categories
-from anomalib_contnet.evaluation.plot import plot_auroc_against_cost
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, materialise_subset, whole_category
 from anomalib_contnet.evaluation.table import BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
-from anomalib_contnet.evaluation.worker import JobResult, JobSpec
+from anomalib_contnet.evaluation.worker import JobResult, JobSpec, run_job
 from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
 
 __all__ = [
@@ -70,7 +71,7 @@ class BenchmarkReport:
     csv_path: Path | None
     markdown_path: Path | None
     plot_path: Path | None
-    """None when no job finished (nothing to plot) or only the plan was asked for."""
+    """The few-shot plot; None for other runs, or when no job succeeded."""
     jobs_run: int
 
     @property
@@ -123,6 +124,8 @@ def run_benchmark(
     allow_download: bool = False,
     job_timeout_s: float | None = None,
     keep_checkpoints: bool = False,
+    few_shot: Sequence[int] = (),
+    seeds: Sequence[int] = (),
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> BenchmarkReport:
@@ -130,11 +133,15 @@ def run_benchmark(
 
     ``max_train`` / ``max_test`` of 0 mean every image (the full protocol: the category
     folders are read in place). Writes ``out/benchmark.csv`` and
-    ``out/benchmark.md`` (atomically, after every job), ``out/benchmark.png`` (at the end), data
-    subsets under ``out/data``, and per job ``out/jobs/<id>/`` with its spec, key, result
-    and log. Jobs whose folder already holds a successful result for the same key are not
-    rerun, so an interrupted run resumes where it stopped. A failed job becomes a row with
-    its reason; it does not stop the others.
+    ``out/benchmark.md`` (atomically, after every job), data subsets under ``out/data``, and
+    per job ``out/jobs/<id>/`` with its spec, key, result and log. Jobs whose folder already
+    holds a successful result for the same key are not rerun, so an interrupted run resumes
+    where it stopped. A failed job becomes a row with its reason; it does not stop the others.
+
+    ``few_shot`` (training image counts, 0 = all) with ``seeds``: every configuration is fitted on
+    N training images drawn with each seed and scored on one test set (drawn with ``seed``);
+    jobs run in this process (no per-job memory), and ``out/few_shot.md`` / ``few_shot.png``
+    give mean and standard error over the seeds per N (:mod:`.few_shot`).
     """
     configs = _check_configs(config_names)
     categories = expand_categories(list(categories))
@@ -150,38 +157,55 @@ def run_benchmark(
     out = Path(out).expanduser()
     started = datetime.now(timezone.utc)
 
+    if few_shot and (not seeds or min(few_shot) < 0):
+        msg = "--few-shot needs training image counts >= 0 (0 = all) and at least one seed in --seeds"
+        raise BenchmarkError(msg)
     log(f"== preparing data ({', '.join(categories)}) ==")
-    subsets = [_category_data(data_root, category, out, max_train, max_test, seed, log) for category in categories]
+    draws: list[tuple[CategorySubset, int, str]] = []
+    """(data, seed of the fit, job id suffix) of every job per configuration."""
+    for category in categories:
+        source = ensure_category(data_root, category)
+        if few_shot:
+            for n_train, train_seed in itertools.product(few_shot, seeds):
+                folder = out / "data" / f"n{n_train}_s{train_seed}"
+                subset = _category_data(source, folder, n_train, max_test, seed, log, train_seed=train_seed)
+                draws.append((subset, train_seed, f"__n{n_train}_s{train_seed}"))
+        else:
+            draws.append((_category_data(source, out / "data", max_train, max_test, seed, log), seed, ""))
     offline_efficientnet = _offline_efficientnet(configs, log)
     plans = {config.name: resolve_job_weights(config, offline_efficientnet, allow_download) for config in configs}
     base_env = _job_environment(allow_download)
-    fingerprints = {subset.category: _data_fingerprint(subset) for subset in subsets}
     jobs = [
         _plan_job(
             config,
             subset,
-            fingerprints[subset.category],
+            fingerprint,
             plans[config.name],
             out,
             image_size,
-            seed,
+            draw_seed,
+            suffix,
             coreset_ratio,
             keep_checkpoints,
         )
-        for subset in subsets
+        for subset, draw_seed, suffix in draws
+        for fingerprint in [_data_fingerprint(subset)]
         for config in configs
     ]
     rows: list[BenchmarkRow] = []
     run_times: list[float] = []
     total = len(jobs)
-    metadata_lines = _run_metadata(started, command, image_size, seed, coreset_ratio, subsets)
+    metadata_lines = _run_metadata(started, command, image_size, seed, coreset_ratio, [draw[0] for draw in draws])
     for index, job in enumerate(jobs, start=1):
         result = job.finished()
         if result is not None:
             log(f"== [{index}/{total}] {job.work_dir.name}: finished earlier, skipped ==")
         else:
             log(f"== [{index}/{total}] {job.work_dir.name}: running ({job.weights.label}) ==")
-            result, wall_s = _run_job_process(job, base_env | job.weights.environment, job_timeout_s)
+            if few_shot:
+                result, wall_s = _run_job_in_process(job)
+            else:
+                result, wall_s = _run_job_process(job, base_env | job.weights.environment, job_timeout_s)
             run_times.append(wall_s)
         row = BenchmarkRow.from_result(
             job.config,
@@ -192,28 +216,26 @@ def run_benchmark(
             paper_configuration=_is_paper_configuration(job, image_size),
         )
         rows.append(row)
-        log(_summary(row, job.work_dir / LOG_FILE))
+        log(_summary(row, None if few_shot else job.work_dir / LOG_FILE))
         log(_progress(index, total, run_times, jobs[index:]))
         # After every job, so an interrupted run leaves the table of everything finished so far.
-        _write_tables(rows, out, metadata_lines)
+        _write_tables(rows, out, metadata_lines, means=not few_shot)
 
-    all_rows = _write_tables(rows, out, metadata_lines)
-    csv_path, markdown_path, plot_path = out / "benchmark.csv", out / "benchmark.md", out / "benchmark.png"
-    plotted = plot_auroc_against_cost(rows, plot_path)
-    log(f"wrote {csv_path}, {markdown_path}" + (f" and {plot_path}" if plotted else " (no finished job to plot)"))
+    all_rows = _write_tables(rows, out, metadata_lines, means=not few_shot)
+    csv_path, markdown_path, plot_path = out / "benchmark.csv", out / "benchmark.md", None
+    log(f"wrote {csv_path}, {markdown_path}")
+    if few_shot:
+        points = few_shot_points(rows)
+        write_text_atomically(out / "few_shot.md", few_shot_markdown(points, metadata_lines))
+        plot_path = out / "few_shot.png" if plot_few_shot(points, out / "few_shot.png") else None
+        log(f"wrote {out / 'few_shot.md'}" + (f" and {plot_path}" if plot_path else " (no run succeeded: no plot)"))
     log(f"jobs run: {len(run_times)}, finished earlier: {total - len(run_times)}")
-    return BenchmarkReport(
-        rows=all_rows,
-        csv_path=csv_path,
-        markdown_path=markdown_path,
-        plot_path=plot_path if plotted else None,
-        jobs_run=len(run_times),
-    )
+    return BenchmarkReport(all_rows, csv_path, markdown_path, plot_path, jobs_run=len(run_times))
 
 
-def _write_tables(rows: list[BenchmarkRow], out: Path, metadata_lines: list[str]) -> list[BenchmarkRow]:
-    """``benchmark.csv`` and ``benchmark.md`` of ``rows`` and their averages, each replaced atomically."""
-    all_rows = rows + category_means(rows)
+def _write_tables(rows: list[BenchmarkRow], out: Path, metadata_lines: list[str], means: bool) -> list[BenchmarkRow]:
+    """``benchmark.csv`` and ``benchmark.md`` of ``rows`` (and their averages), each replaced atomically."""
+    all_rows = rows + category_means(rows) if means else rows
     write_text_atomically(out / "benchmark.csv", rows_to_csv(all_rows))
     write_text_atomically(out / "benchmark.md", rows_to_markdown(all_rows, metadata_lines))
     return all_rows
@@ -229,22 +251,23 @@ def _check_configs(config_names: Sequence[str] | None) -> list[ModelConfig]:
 
 
 def _category_data(
-    data_root: Path | str,
-    category: str,
-    out: Path,
+    source: Path,
+    folder: Path,
     max_train: int,
     max_test: int,
     seed: int,
     log: Callable[[str], None],
+    train_seed: int | None = None,
 ) -> CategorySubset:
-    """Every image in place for the full protocol (0 / 0), else a seeded copy under ``out/data``."""
-    source = ensure_category(data_root, category)
+    """Every image in place for the full protocol (0 / 0), else a seeded copy under ``folder``."""
     if max_train == 0 and max_test == 0:
         subset = whole_category(source)
     else:
-        subset = materialise_subset(source, out / "data", max_train=max_train, max_test=max_test, seed=seed)
+        subset = materialise_subset(
+            source, folder, max_train=max_train, max_test=max_test, seed=seed, train_seed=train_seed
+        )
     log(
-        f"{category}: {subset.n_train} train, {subset.n_test_normal} normal + {subset.n_test_anomalous} "
+        f"{source.name}: {subset.n_train} train, {subset.n_test_normal} normal + {subset.n_test_anomalous} "
         f"anomalous test images (from {source}); pixel labels: {'yes' if subset.pixel_labels else 'no'}"
     )
     return subset
@@ -291,13 +314,14 @@ def _plan_job(
     out: Path,
     image_size: int,
     seed: int,
+    suffix: str,
     coreset_ratio: float,
     keep_checkpoint: bool,
 ) -> PlannedJob:
     init_args = {"backbone": config.backbone, "layers": list(config.layers), **config.options, **weights.init_args}
     if config.family == "patchcore":
         init_args["coreset_sampling_ratio"] = coreset_ratio
-    job_id = f"{subset.category}__{config.name}"
+    job_id = f"{subset.category}__{config.name}{suffix}"
     spec = JobSpec(
         job_id=job_id,
         family=config.family,
@@ -343,15 +367,30 @@ def _is_paper_configuration(job: PlannedJob, image_size: int) -> bool:
     )
 
 
+def _fresh_job_folder(job: PlannedJob) -> None:
+    """An empty job folder with the spec and key (an unfinished or outdated run's files must not be read)."""
+    if job.work_dir.exists():
+        shutil.rmtree(job.work_dir)
+    job.work_dir.mkdir(parents=True)
+    write_text_atomically(job.work_dir / SPEC_FILE, json.dumps(asdict(job.spec), indent=1) + "\n")
+    write_text_atomically(job.work_dir / KEY_FILE, job.key + "\n")
+
+
+def _run_job_in_process(job: PlannedJob) -> tuple[JobResult, float]:
+    """Few-shot jobs: many small fits, where starting a process per job would cost more than the job."""
+    _fresh_job_folder(job)
+    started = time.perf_counter()
+    result = run_job(job.spec)
+    result.peak_rss_bytes = None  # this process's peak belongs to every job run so far
+    write_text_atomically(job.work_dir / RESULT_FILE, json.dumps(asdict(result), indent=1) + "\n")
+    return result, time.perf_counter() - started
+
+
 def _run_job_process(job: PlannedJob, environment: dict[str, str], timeout_s: float | None) -> tuple[JobResult, float]:
     """Run the worker for ``job``; a crash, kill or timeout becomes a failed result with the reason."""
+    _fresh_job_folder(job)
     work_dir = job.work_dir
-    if work_dir.exists():
-        shutil.rmtree(work_dir)  # an unfinished or outdated run of this job: its files must not be read
-    work_dir.mkdir(parents=True)
     spec_path, result_path, log_path = work_dir / SPEC_FILE, work_dir / RESULT_FILE, work_dir / LOG_FILE
-    write_text_atomically(spec_path, json.dumps(asdict(job.spec), indent=1) + "\n")
-    write_text_atomically(work_dir / KEY_FILE, job.key + "\n")
     command = [sys.executable, "-m", "anomalib_contnet.evaluation.worker", str(spec_path), str(result_path)]
     started = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log_file:
@@ -371,14 +410,15 @@ def _run_job_process(job: PlannedJob, environment: dict[str, str], timeout_s: fl
     return JobResult(error=f"the job process ended without a result: {reason} (see {log_path})"), wall_s
 
 
-def _summary(row: BenchmarkRow, log_path: Path) -> str:
+def _summary(row: BenchmarkRow, log_path: Path | None) -> str:
+    """One line per job: its metrics and costs, or why it failed (and where its log is, for a job process)."""
     if row.status != "ok":
-        return f"   FAILED: {row.status} (log: {log_path})"
+        return f"   FAILED: {row.status}" + (f" (log: {log_path})" if log_path else "")
     pixel = "" if row.pixel_auroc is None else f", pixel AUROC {row.pixel_auroc:.3f}, AUPRO {row.aupro:.3f}"
+    memory = "" if row.peak_rss_mb is None else f", peak RSS {row.peak_rss_mb / 1024:.1f} GiB"
     return (
         f"   image AUROC {row.image_auroc:.3f}{pixel}; fit {row.fit_s:.1f} s, "
-        f"{row.predict_images_per_s:.1f} images/s, peak RSS {row.peak_rss_mb / 1024:.1f} GiB, "
-        f"checkpoint {row.checkpoint_mb:.0f} MB"
+        f"{row.predict_images_per_s:.1f} images/s{memory}, checkpoint {row.checkpoint_mb:.0f} MB"
     )
 
 

@@ -30,7 +30,7 @@ class JobSpec:
 
     job_id: str
     family: str
-    """``contnet_padim``, ``padim`` or ``patchcore``."""
+    """``contnet_padim``, ``padim``, ``patchcore`` or ``mhpatchcore``."""
     init_args: dict[str, Any]
     dataset_root: str
     category: str
@@ -74,7 +74,7 @@ def peak_rss_bytes() -> int:
 
 def build_model(spec: JobSpec) -> Any:  # an AnomalibModule; typed loosely to keep anomalib out of module import
     """The model, without evaluator and visualizer (and without post-processor unless asked)."""
-    from anomalib.models import Padim, Patchcore  # noqa: PLC0415  (imported after the environment is final)
+    from anomalib.models import MHPatchcore, Padim, Patchcore  # noqa: PLC0415  (after the environment is final)
 
     from anomalib_contnet import ConTNetPaDiM  # noqa: PLC0415
 
@@ -82,9 +82,10 @@ def build_model(spec: JobSpec) -> Any:  # an AnomalibModule; typed loosely to ke
     size = (spec.image_size, spec.image_size)
     if spec.family == "contnet_padim":
         return ConTNetPaDiM(**spec.init_args, image_size=size, **options)
-    model_class = {"padim": Padim, "patchcore": Patchcore}[spec.family]
-    # Same input for every model: resize to image_size, no centre crop (a crop would cut defects off the masks).
-    model = model_class(**spec.init_args, pre_processor=model_class.configure_pre_processor(image_size=size), **options)
+    model_class = {"padim": Padim, "patchcore": Patchcore, "mhpatchcore": MHPatchcore}[spec.family]
+    # Same input for every model: resize to image_size and ImageNet normalisation (Padim's pre-processor), no
+    # centre crop (a crop would cut defects off the masks; MHPatchcore's own crops to 224 px).
+    model = model_class(**spec.init_args, pre_processor=Padim.configure_pre_processor(image_size=size), **options)
     if spec.backbone_file is not None:
         from safetensors.torch import load_file  # noqa: PLC0415
 
@@ -116,6 +117,7 @@ def fit(spec: JobSpec) -> tuple[Any, Any, Any]:
         default_root_dir=work_dir,
         callbacks=[ModelCheckpoint(dirpath=work_dir, save_top_k=0)],
         enable_progress_bar=False,
+        enable_model_summary=False,
         logger=False,
     )
     if spec.post_processing:  # the validation pass is where the post-processor learns its thresholds
