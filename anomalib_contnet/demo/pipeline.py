@@ -167,7 +167,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] = print) -> Path:
             post_processing=True,  # the exported graph normalises scores and thresholds them
         )
         model, engine, datamodule = fit(spec)
-        engine.trainer.save_checkpoint(staging / "model.ckpt")
+        engine.trainer.save_checkpoint(staging / "model.ckpt", weights_only=False)
         scores, metrics = score(model, datamodule, subset.pixel_labels)
         pixel_roc = roc_curve(scores.anomaly_maps, scores.masks) if subset.pixel_labels else None
         render_roc_curves(roc_curve(scores.image_scores, scores.image_labels), pixel_roc, staging / "roc.png")

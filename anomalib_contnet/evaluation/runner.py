@@ -161,17 +161,17 @@ def run_benchmark(
         msg = "--few-shot needs training image counts >= 0 (0 = all) and at least one seed in --seeds"
         raise BenchmarkError(msg)
     log(f"== preparing data ({', '.join(categories)}) ==")
+    sources = [ensure_category(data_root, category) for category in categories]
     draws: list[tuple[CategorySubset, int, str]] = []
-    """(data, seed of the fit, job id suffix) of every job per configuration."""
-    for category in categories:
-        source = ensure_category(data_root, category)
-        if few_shot:
-            for n_train, train_seed in itertools.product(few_shot, seeds):
-                folder = out / "data" / f"n{n_train}_s{train_seed}"
-                subset = _category_data(source, folder, n_train, max_test, seed, log, train_seed=train_seed)
-                draws.append((subset, train_seed, f"__n{n_train}_s{train_seed}"))
-        else:
-            draws.append((_category_data(source, out / "data", max_train, max_test, seed, log), seed, ""))
+    """(data, seed of the fit, job id suffix) of every job per configuration; few-shot runs go seed by seed,
+    so that an interrupted run has whole curves for the seeds it finished."""
+    if few_shot:
+        for train_seed, source, n_train in itertools.product(seeds, sources, few_shot):
+            folder = out / "data" / f"n{n_train}_s{train_seed}"
+            subset = _category_data(source, folder, n_train, max_test, seed, log, train_seed=train_seed)
+            draws.append((subset, train_seed, f"__n{n_train}_s{train_seed}"))
+    else:
+        draws = [(_category_data(source, out / "data", max_train, max_test, seed, log), seed, "") for source in sources]
     offline_efficientnet = _offline_efficientnet(configs, log)
     plans = {config.name: resolve_job_weights(config, offline_efficientnet, allow_download) for config in configs}
     base_env = _job_environment(allow_download)
