@@ -99,7 +99,9 @@ def _canonical_command(args: argparse.Namespace) -> str:
     words = ["anomalib-contnet", "benchmark", "--data-root", str(args.data_root), "--categories", args.categories]
     if args.configs:
         words += ["--configs", args.configs]
-    words += ["--max-train", str(args.max_train), "--max-test", str(args.max_test), "--out", str(args.out)]
+    if not args.few_shot:
+        words += ["--max-train", str(args.max_train)]
+    words += ["--max-test", str(args.max_test), "--out", str(args.out)]
     if args.few_shot:
         words += ["--few-shot", args.few_shot, "--seeds", args.seeds]
     words += [

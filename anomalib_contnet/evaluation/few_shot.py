@@ -99,9 +99,15 @@ def plot_few_shot(points: list[FewShotPoint], target: Path) -> bool:
     figure = Figure(figsize=(5.0 * len(categories), 7.5), layout="constrained")
     FigureCanvasAgg(figure)
     grid = figure.subplots(2, len(categories), squeeze=False, sharex=True)
+    counts = sorted({point.n_train for point in points})
     for column, category in enumerate(categories):
         for row, (metric, label) in enumerate((("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"))):
             axes = grid[row][column]
+            if not any(getattr(point, metric) for point in points if point.category == category):
+                axes.text(
+                    0.5, 0.5, "no pixel labels" if row else "no run succeeded", ha="center", transform=axes.transAxes
+                )
+                axes.set_yticks([])
             for index, model in enumerate(models):
                 measured = [
                     (point.n_train, getattr(point, metric))
@@ -109,9 +115,9 @@ def plot_few_shot(points: list[FewShotPoint], target: Path) -> bool:
                     if point.category == category and point.model == model and getattr(point, metric) is not None
                 ]
                 if measured:
-                    counts, values = zip(*measured, strict=True)
+                    present, values = zip(*measured, strict=True)
                     axes.errorbar(
-                        counts,
+                        present,
                         [mean for mean, _ in values],
                         yerr=[error for _, error in values],
                         marker="o",
@@ -120,10 +126,11 @@ def plot_few_shot(points: list[FewShotPoint], target: Path) -> bool:
                         label=model,
                     )
             axes.set_xscale("log", base=2)
+            axes.set_xticks(counts, labels=[str(count) for count in counts])
             axes.set_ylabel(f"{label} (mean ± s.e.)")
             axes.set_title(f"{category}: {label}", fontsize=10)
             axes.grid(visible=True, alpha=0.3)
-        grid[1][column].set_xlabel("training images N (log scale)")
+        grid[1][column].set_xlabel("training images N (count, log scale)")
     handles = [
         grid[0][0].plot([], [], marker="o", color=f"C{index}", label=model)[0] for index, model in enumerate(models)
     ]

@@ -461,12 +461,16 @@ def _run_metadata(
     lines.append(
         f"Protocol: input {image_size}x{image_size} px (resize, no crop) for every model; seed {seed}; "
         f"metrics on raw scores (no post-processing); Patchcore coreset ratio {coreset_ratio} "
-        f"(anomalib's default is {ANOMALIB_DEFAULT_CORESET_RATIO}); one process per job."
+        f"(anomalib's default is {ANOMALIB_DEFAULT_CORESET_RATIO})."
     )
+    training_counts: dict[str, list[int]] = {}
     for subset in subsets:
+        training_counts.setdefault(subset.category, []).append(subset.n_train)
+    for subset in {subset.category: subset for subset in subsets}.values():  # one line per category
+        counts = sorted(set(training_counts[subset.category]))
         lines.append(
-            f"Data `{subset.category}`: {subset.n_train} training images, {subset.n_test_normal} normal + "
-            f"{subset.n_test_anomalous} anomalous test images, "
+            f"Data `{subset.category}`: {', '.join(map(str, counts))} training images, {subset.n_test_normal} "
+            f"normal + {subset.n_test_anomalous} anomalous test images, "
             + ("every image of" if subset.root == subset.source.parent else "seeded subset of")
             + f" `{subset.source}`; "
             + ("pixel metrics from the masks." if subset.pixel_labels else "image labels only (no pixel metrics).")
