@@ -64,15 +64,9 @@ class BenchmarkError(RuntimeError):
 
 @dataclass(frozen=True)
 class BenchmarkReport:
-    """Where the results went, how many jobs ran (the rest were finished earlier) and which failed."""
+    """The rows of a run (jobs, then the averages over categories) and which jobs failed."""
 
     rows: list[BenchmarkRow]
-    """Job rows, then the averages over categories."""
-    csv_path: Path | None
-    markdown_path: Path | None
-    plot_path: Path | None
-    """The few-shot plot; None for other runs, or when no job succeeded."""
-    jobs_run: int
 
     @property
     def failed(self) -> list[BenchmarkRow]:
@@ -222,15 +216,14 @@ def run_benchmark(
         _write_tables(rows, out, metadata_lines, means=not few_shot)
 
     all_rows = _write_tables(rows, out, metadata_lines, means=not few_shot)
-    csv_path, markdown_path, plot_path = out / "benchmark.csv", out / "benchmark.md", None
-    log(f"wrote {csv_path}, {markdown_path}")
+    log(f"wrote {out / 'benchmark.csv'}, {out / 'benchmark.md'}")
     if few_shot:
         points = few_shot_points(rows)
         write_text_atomically(out / "few_shot.md", few_shot_markdown(points, metadata_lines))
-        plot_path = out / "few_shot.png" if plot_few_shot(points, out / "few_shot.png") else None
-        log(f"wrote {out / 'few_shot.md'}" + (f" and {plot_path}" if plot_path else " (no run succeeded: no plot)"))
+        plotted = plot_few_shot(points, out / "few_shot.png")
+        log(f"wrote {out / 'few_shot.md'}" + (f" and {out / 'few_shot.png'}" if plotted else " (no run succeeded)"))
     log(f"jobs run: {len(run_times)}, finished earlier: {total - len(run_times)}")
-    return BenchmarkReport(all_rows, csv_path, markdown_path, plot_path, jobs_run=len(run_times))
+    return BenchmarkReport(all_rows)
 
 
 def _write_tables(rows: list[BenchmarkRow], out: Path, metadata_lines: list[str], means: bool) -> list[BenchmarkRow]:
