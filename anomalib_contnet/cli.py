@@ -35,7 +35,7 @@ COMMAND_GROUPS: dict[str, CommandGroup] = {
     "data": CommandGroup("anomalib_contnet.data.cli", "prepare offline datasets in MVTec AD layout", True),
     "benchmark": CommandGroup(
         "anomalib_contnet.evaluation.cli",
-        "ConTNetPaDiM vs anomalib Padim/Patchcore on the same data: CSV + markdown table",
+        "ConTNetPaDiM vs anomalib Padim/Patchcore/MHPatchcore on the same data: CSV + markdown table",
         True,
     ),
     "demo": CommandGroup(

@@ -75,9 +75,14 @@ LIGHTNING_TIPS = frozenset(
         "💡 Tip: For seamless cloud uploads and versioning, try installing "
         "[litmodels](https://pypi.org/project/litmodels/) to enable LitModelCheckpoint, which syncs "
         "automatically with the Lightning model registry.",
+        # Set-up reports of every Trainer that say nothing about this run a user could change:
+        "GPU available: False, used: False",
+        "TPU available: False, using: 0 TPU cores",
+        "`Trainer(val_check_interval=1.0)` was configured so validation will run at the end of the training epoch..",
+        "`Trainer.fit` stopped: `max_epochs=1` reached.",
     }
 )
-"""Lightning's advertising tips, logged at INFO level on every Trainer set-up."""
+"""Lightning's advertising tips and set-up reports, logged at INFO level on every Trainer set-up or fit."""
 
 RANK_ZERO_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",

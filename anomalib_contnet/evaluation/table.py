@@ -15,11 +15,9 @@ if TYPE_CHECKING:  # only for annotations: this module must stay importable with
     from anomalib_contnet.evaluation.subsets import CategorySubset
     from anomalib_contnet.evaluation.worker import JobResult
 
-__all__ = ["CSV_COLUMNS", "MEAN_KIND", "NOT_RUN", "BenchmarkRow", "category_means", "rows_to_csv", "rows_to_markdown"]
+__all__ = ["CSV_COLUMNS", "MEAN_KIND", "BenchmarkRow", "category_means", "rows_to_csv", "rows_to_markdown"]
 
 MIB = 1024 * 1024
-NOT_RUN = "not run"
-"""Status of a planned job without a result yet (``--plan``, or a table written mid-run)."""
 MEAN_KIND = "mean"
 """The ``kind`` of a row that averages other rows."""
 
@@ -34,8 +32,6 @@ class BenchmarkRow:
     model: str
     backbone: str
     weights: str
-    variant: str
-    """``paper`` for the paper's setting, else the one choice that differs (``epsilon=0.1``, ...)."""
     settings: str
     n_train: int
     n_test: int
@@ -59,11 +55,10 @@ class BenchmarkRow:
         weights: JobWeights,
         subset: CategorySubset,
         result: JobResult,
-        variant: str,
         settings: str,
         paper_configuration: bool,
     ) -> BenchmarkRow:
-        """Combine what was planned (config, weights, data, variant) with what the job measured."""
+        """Combine what was planned (config, weights, data) with what the job measured."""
         paper = PAPER_AUROC_PERCENT.get(subset.category) if paper_configuration else None
         return cls(
             category=subset.category,
@@ -71,7 +66,6 @@ class BenchmarkRow:
             model=config.display_model,
             backbone=config.backbone,
             weights=weights.label,
-            variant=variant,
             settings=settings,
             n_train=subset.n_train,
             n_test=subset.n_test_normal + subset.n_test_anomalous,
@@ -84,7 +78,7 @@ class BenchmarkRow:
             predict_images_per_s=result.predict_images_per_s,
             peak_rss_mb=None if result.peak_rss_bytes is None else result.peak_rss_bytes / MIB,
             checkpoint_mb=None if result.checkpoint_bytes is None else result.checkpoint_bytes / MIB,
-            status=result.status if result.status in {"ok", NOT_RUN} else f"failed: {result.error}",
+            status=result.status if result.status == "ok" else f"failed: {result.error}",
         )
 
 
@@ -93,7 +87,7 @@ AVERAGED = ("image_auroc", "paper_image_auroc", "pixel_auroc", "paper_pixel_auro
 
 
 def category_means(rows: list[BenchmarkRow]) -> list[BenchmarkRow]:
-    """Per model configuration and variant: the mean over MVTec AD's textures, its objects, and all categories.
+    """Per model configuration: the mean over MVTec AD's textures, its objects, and all categories.
 
     A mean is given only where every averaged row has the value (a failed job makes it n/a,
     never a mean of the rest). Textures / objects rows appear when the run has such
@@ -101,7 +95,7 @@ def category_means(rows: list[BenchmarkRow]) -> list[BenchmarkRow]:
     """
     groups: dict[tuple[str, ...], list[BenchmarkRow]] = {}
     for row in rows:
-        groups.setdefault((row.model, row.backbone, row.weights, row.variant, row.settings), []).append(row)
+        groups.setdefault((row.model, row.backbone, row.weights, row.settings), []).append(row)
     means = []
     selections: tuple[tuple[str, Callable[[BenchmarkRow], bool]], ...] = (
         ("textures", lambda row: row.category in MVTEC_AD_TEXTURES),
@@ -154,7 +148,6 @@ MARKDOWN_COLUMNS = (
     "Model",
     "Backbone",
     "Weights",
-    "Variant",
     "Image AUROC",
     "Paper image",
     "Pixel AUROC",
@@ -181,7 +174,6 @@ def rows_to_markdown(rows: list[BenchmarkRow], header_lines: list[str]) -> str:
             row.model,
             row.backbone,
             row.weights,
-            f"`{row.variant}`",
             _number(row.image_auroc, 3),
             _number(row.paper_image_auroc, 3, missing=""),
             _number(row.pixel_auroc, 3),
