@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,13 +214,19 @@ def machine_summary() -> str:
     )
 
 
-def fitted_model(backbone: str, factor_dtype: str) -> ConTNetPaDiMModel:
-    """Model with random backbone weights and a Gaussian fitted on random embeddings of its shape (speed only)."""
+def fitted_model(backbone: str, training_images: int = 200) -> ConTNetPaDiMModel:
+    """Model with random backbone weights and a Gaussian fitted on random embeddings of its shape (speed only).
+
+    The Gaussians' size, and so the head's cost, grows with the number of training images
+    up to the embedding dimension; 200 is a typical MVTec AD category.
+    """
     from anomalib_contnet import ConTNetPaDiMModel  # noqa: PLC0415  (see the TYPE_CHECKING import above)
 
-    model = ConTNetPaDiMModel(backbone=backbone, pre_trained=False, factor_dtype=factor_dtype).eval()
+    model = ConTNetPaDiMModel(backbone=backbone, pre_trained=False).eval()
     generator = torch.Generator().manual_seed(0)
-    for _ in range(8):
+    for _ in range(0, training_images, 8):
         model.gaussian.update(torch.randn(8, model.embedding_dim, 7, 7, generator=generator))
-    model.gaussian.fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer images than dimensions: expected here
+        model.gaussian.fit()
     return model

@@ -38,7 +38,6 @@ from sklearn.metrics import roc_auc_score
 
 from anomalib_contnet import ConTNetPaDiM
 from anomalib_contnet.data import prepare_textures
-from anomalib_contnet.deploy import export_model
 
 Outputs = dict[str, np.ndarray]
 Runner = Callable[[np.ndarray], Outputs]
@@ -64,9 +63,9 @@ def parse_arguments() -> argparse.Namespace:
 def build_model(backbone: str) -> ConTNetPaDiM:
     """A ConTNet variant with random weights at the paper's defaults, or EfficientNet-Lite0 with ImageNet weights."""
     if backbone == "efficientnet_lite0":
-        from anomalib_contnet.pretrained import prepare_offline_efficientnet_lite0  # noqa: PLC0415
+        from anomalib_contnet.pretrained import offline_efficientnet_lite0  # noqa: PLC0415
 
-        weights = prepare_offline_efficientnet_lite0().weights_file
+        weights = offline_efficientnet_lite0()
         return ConTNetPaDiM(backbone=backbone, layers=("blocks.2", "blocks.4"), weights=str(weights))
     return ConTNetPaDiM(backbone=backbone, pre_trained=False)
 
@@ -118,7 +117,7 @@ def export_all(model: ConTNetPaDiM, datamodule: MVTecAD, folder: Path, skip_int8
     if not skip_int8:
         compressions |= {"INT8 weights": CompressionType.INT8}
     paths = {
-        name: export_model(model, "openvino", folder / name, compression_type=kind)
+        name: model.to_openvino(folder / name, compression_type=kind)
         for name, kind in compressions.items()
     }
     if not skip_int8:

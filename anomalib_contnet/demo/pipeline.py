@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from anomalib_contnet.atomic_files import staged_folder, write_text_atomically
-from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, cached_weights_path, published_weights
+from anomalib_contnet.backbones.weight_files import PUBLISHED_URLS, WEIGHTS_ENV, cached_weights_path
 from anomalib_contnet.data.elpv import seeded_order
 from anomalib_contnet.demo.figures import SamplePrediction, render_prediction_grid, render_roc_curves
 from anomalib_contnet.evaluation.configs import (
@@ -85,12 +85,12 @@ class BackboneChoice:
 
 def how_to_get_contnet_weights() -> str:
     """The ways to provide the ConTNet-B checkpoint, as shell lines for the report and error messages."""
-    entry = published_weights("contnet_b")
+    file_name = cached_weights_path("contnet_b").name
     return (
-        f"To use the paper's ConTNet-B ImageNet weights ({entry.file_name}), do one of:\n"
-        f"  anomalib-contnet weights download contnet_b            # needs internet ({entry.url})\n"
-        f"  anomalib-contnet weights import contnet_b /path/to/{entry.file_name}\n"
-        f"  export {WEIGHTS_ENV}=/path/to/{entry.file_name}\n"
+        f"To use the paper's ConTNet-B ImageNet weights ({file_name}), do one of:\n"
+        f"  anomalib-contnet weights download contnet_b            # needs internet ({PUBLISHED_URLS['contnet_b']})\n"
+        f"  anomalib-contnet weights import contnet_b /path/to/{file_name}\n"
+        f"  export {WEIGHTS_ENV}=/path/to/{file_name}\n"
         f"(the cache file is {cached_weights_path('contnet_b')}), then run the demo again."
     )
 
@@ -196,9 +196,9 @@ def _export(engine: Any, model: Any, staging: Path) -> Path:
     """OpenVINO IR (pre-processing, model and post-processing in one graph) under ``staging/openvino``, checked."""
     from anomalib.deploy import ExportType  # noqa: PLC0415
 
-    from anomalib_contnet.deploy import check_export, export_model  # noqa: PLC0415
+    from anomalib_contnet.deploy import check_export  # noqa: PLC0415
 
-    return check_export(export_model(model, ExportType.OPENVINO, staging / "openvino", engine=engine))
+    return check_export(engine.export(model, ExportType.OPENVINO, export_root=staging / "openvino"))
 
 
 def _predict_samples(
@@ -315,7 +315,7 @@ def _report(
         "",
         "## Exported model (OpenVINO)",
         "",
-        f"Exported with `anomalib_contnet.deploy.export_model` to `{model_xml}` and run with anomalib's "
+        f"Exported with anomalib's `Engine.export` to `{model_xml}` and run with anomalib's "
         f"`OpenVINOInferencer` (float32) on {len(summary['samples'])} test images, "
         f"{summary['openvino_ms_per_image']:.0f} ms per image. Columns: the image, the true defect, the "
         "normalised anomaly map, the predicted mask (red; the true defect outlined in green).",

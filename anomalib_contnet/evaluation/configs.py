@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from anomalib_contnet.backbones.contnet_configs import is_contnet
 from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, WeightsError, cached_weights_path, resolve_weights
-from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
 
 __all__ = [
     "DEFAULT_CONFIG_NAMES",

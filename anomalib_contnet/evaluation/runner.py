@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from anomalib_contnet.atomic_files import write_text_atomically
+from anomalib_contnet.backbones.contnet_configs import is_contnet
 from anomalib_contnet.evaluation.configs import (
     DEFAULT_CONFIG_NAMES,
     MODEL_CONFIGS,
@@ -40,7 +41,6 @@ from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURE
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, materialise_subset, whole_category
 from anomalib_contnet.evaluation.table import BenchmarkRow, category_means, rows_to_csv, rows_to_markdown
 from anomalib_contnet.evaluation.worker import JobResult, JobSpec, run_job
-from anomalib_contnet.models.contnet_padim.feature_extractor import is_contnet
 
 __all__ = [
     "DEFAULT_SEED",
