@@ -1,22 +1,11 @@
 """Make the stock ``anomalib`` command see the ConTNetPaDiM plugin.
 
-anomalib 2.7 reads no entry points; it finds models among the subclasses of
-``AnomalibModule`` that are already imported. At interpreter start, site-packages
-runs :func:`install`, which imports nothing heavy: it only watches for
-``anomalib.models`` and, right after that module finishes loading, imports
-``anomalib_contnet`` so that its classes are registered. Set
-``ANOMALIB_CONTNET_NO_AUTOLOAD=1`` to turn it off.
-
-Two files beside this module call :func:`install`:
-
-- ``anomalib_contnet_autoload.start`` (PEP 829, Python 3.15+): one entry point,
-  ``anomalib_contnet_autoload:install``. Its presence makes Python 3.15+ skip the
-  import line of the ``.pth`` of the same name, and from 3.18 on it is the only one
-  that runs (``.pth`` import lines are then ignored).
-- ``anomalib_contnet_autoload.pth``: the import line that older Pythons run.
-
-:func:`install` is idempotent, so even an interpreter that ran both would install
-one watcher and register the plugin once.
+anomalib 2.7 reads no entry points; it finds models among the already imported
+subclasses of ``AnomalibModule``. :func:`install` runs at interpreter start (from
+``anomalib_contnet_autoload.pth``, or its PEP 829 twin ``.start`` on Python 3.15+,
+which then skips the ``.pth``); it imports nothing heavy, only watches for
+``anomalib.models`` and imports ``anomalib_contnet`` right after it loads. It is
+idempotent; ``ANOMALIB_CONTNET_NO_AUTOLOAD=1`` turns it off.
 """
 
 from __future__ import annotations

@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
-    "FolderNotWritableError",
     "file_sha256",
-    "link_atomically",
     "replace_folder",
     "staged_folder",
     "temporary_sibling",
@@ -39,10 +37,6 @@ READABLE_FOLDER_MODE = 0o755
 """Mode of published folders (``mkdtemp`` creates 0700)."""
 
 
-class FolderNotWritableError(OSError):
-    """The folder of a target cannot hold the temporary file (read-only, no permission, full); nothing was written."""
-
-
 def file_sha256(path: Path | str) -> str:
     """Hex SHA-256 of a file, read in chunks so that multi-gigabyte weight files need little memory."""
     digest = hashlib.sha256()
@@ -54,16 +48,8 @@ def file_sha256(path: Path | str) -> str:
 
 @contextlib.contextmanager
 def temporary_sibling(target: Path) -> Iterator[tuple[Path, BinaryIO]]:
-    """Open a uniquely named temporary file beside ``target``; it is deleted unless the caller renamed it away.
-
-    Raises:
-        FolderNotWritableError: when the temporary file cannot be created, so callers can add their own advice
-            without mistaking other errors of the block for it.
-    """
-    try:
-        descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    except OSError as error:
-        raise FolderNotWritableError(error.errno, error.strerror, str(target.parent)) from error
+    """Open a uniquely named temporary file beside ``target``; it is deleted unless the caller renamed it away."""
+    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     temporary = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as stream:
@@ -85,17 +71,6 @@ def write_bytes_atomically(target: Path, payload: bytes) -> None:
 def write_text_atomically(target: Path, text: str) -> None:
     """UTF-8 text variant of :func:`write_bytes_atomically`."""
     write_bytes_atomically(target, text.encode("utf-8"))
-
-
-def link_atomically(link: Path, destination: Path) -> None:
-    """Point the symbolic link ``link`` at ``destination``, replacing an older link in one rename."""
-    if link.is_symlink() and Path(os.readlink(link)) == destination:
-        return
-    link.parent.mkdir(parents=True, exist_ok=True)
-    temporary = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    temporary.symlink_to(destination)
-    os.replace(temporary, link)
 
 
 def replace_folder(produced: Path, target: Path) -> None:

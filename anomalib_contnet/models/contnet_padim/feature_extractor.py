@@ -39,10 +39,8 @@ class FrozenFeatureExtractor(nn.Module):
     """Features of a timm model's stages, selected by the module names timm reports in ``feature_info``.
 
     The backbone holds every stage up to the deepest requested one and nothing
-    after it (timm drops the rest), and returns all of their maps, so that
-    :meth:`stage_outputs` can show where NaN/Inf first appear without a second
-    network; :meth:`forward` keeps the requested ones. ConTNet's stages are
-    named ``layer0`` .. ``layer4``.
+    after it (timm drops the rest); :meth:`forward` returns the requested maps.
+    ConTNet's stages are named ``layer0`` .. ``layer4``.
 
     Attributes:
         name: the timm model name.
@@ -137,13 +135,6 @@ class FrozenFeatureExtractor(nn.Module):
         """Return {layer: (B, C, h, w)} for the requested layers."""
         maps = self.backbone(images)
         return {layer: maps[position] for layer, position in self._positions.items()}
-
-    def stage_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Outputs of every feature stage up to the deepest requested one, in execution order.
-
-        Used only to locate the stage where NaN/Inf first appear, after a check found some.
-        """
-        return dict(zip(self.backbone.feature_info.module_name(), self.backbone(images), strict=True))
 
 
 def build_feature_extractor(

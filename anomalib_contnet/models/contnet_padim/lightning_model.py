@@ -1,27 +1,14 @@
 """ConTNetPaDiM: Dini & Rahtu (VISAPP 2023) as an anomalib model.
 
-"Visual Anomaly Detection and Localization with a Patch-Wise Transformer and
-Convolutional Model": a frozen ImageNet ConTNet-B gives patch features from its
-third and fourth stages; one multivariate Gaussian per patch position is fitted
-on normal images; the Mahalanobis distance of a test patch is its anomaly score,
-upsampled bilinearly and smoothed (sigma 4); the image score is the maximum.
+A frozen ImageNet ConTNet-B gives patch features from its third and fourth stages;
+one Gaussian per patch position is fitted on normal images; the Mahalanobis
+distance of a test patch is its anomaly score, upsampled bilinearly and smoothed
+(sigma 4); the image score is the maximum. The choices the paper leaves open are
+the constructor's arguments (README, "What the implementation decides").
 
-Choices the paper leaves open, and what this implementation does:
-
-- "third and fourth blocks" = ``layer3`` (512 ch) and ``layer4`` (1024 ch); at
-  224 px both are 7x7, giving 1536-dimensional embeddings on a 7x7 grid.
-  ``layers=("layer2", "layer3")`` is the other reading (14x14 grid).
-- The coarser stage is repeated (nearest neighbour) onto the finer grid, PaDiM's way.
-- No dimension reduction by default (the paper names none); ``n_features``
-  offers PaDiM's random channel subset.
-- Covariance regulariser ``epsilon = 0.01`` (PaDiM's value; the paper gives none).
-- Input 224x224 (the paper's); any size from 32 px via ``image_size`` (ConTNet pads its patch-wise
-  encoders' maps to whole patches and masks the padding; multiples of 224 need none).
-
-Engineering differences from anomalib's Padim: training embeddings are never
-stored (streaming statistics), each Gaussian is kept at its exact minimal size
-(``min(N - 1, D)`` principal directions), new images can be added to a fitted
-model (``incremental``), and multi-device training (DDP) merges the statistics.
+Unlike anomalib's Padim, no training embedding is stored, each Gaussian is kept at
+its exact size (:mod:`.gaussian`), a fitted model can take more images
+(``incremental``), and distributed fitting (DDP) merges the statistics exactly.
 """
 
 from __future__ import annotations
@@ -44,6 +31,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from anomalib_contnet.checkpoints import non_finite_counts
 from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
 from anomalib_contnet.models.contnet_padim.pre_processor import ConTNetPreProcessor
 from anomalib_contnet.models.contnet_padim.torch_model import NOT_FITTED_MESSAGE, ConTNetPaDiMModel, NotFittedError
@@ -317,14 +305,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             )
             raise ValueError(msg)
         state_dict = checkpoint["state_dict"]
-        non_finite = [
-            key
-            for key, value in state_dict.items()
-            if key.startswith("model.")
-            and torch.is_tensor(value)
-            and value.is_floating_point()
-            and not bool(torch.isfinite(value).all())
-        ]
+        non_finite = list(non_finite_counts(state_dict, prefix="model."))
         if non_finite:  # they would load silently, and exported graphs (which cannot check) would score NaN
             msg = (
                 "this checkpoint holds NaN/Inf values, which would give NaN anomaly maps and scores; the file is "
