@@ -342,9 +342,14 @@ class Stem(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reduce the image to a quarter of its size (sides of at least :data:`MIN_INPUT_SIDE`)."""
+        """Reduce the image to a quarter of its size (sides of at least :data:`MIN_INPUT_SIDE`).
+
+        The network runs channels-last from here on (the layout the patch-wise
+        encoders fold from and return): the stem's convolution and pooling are then
+        vectorised over channels, and the first encoder needs no transposing copy.
+        """
         check_input_size(x.shape[-2], x.shape[-1])
-        return self.maxpool(self.conv(x))
+        return self.maxpool(self.conv(x.contiguous(memory_format=torch.channels_last)))
 
 
 class ConTStage(nn.Sequential):
