@@ -1,4 +1,4 @@
-"""ConTNet's CPU inference path (oneDNN linear layers, channels-last patch folding) against the plain operators.
+"""ConTNet's CPU inference path (oneDNN linear layers, GELU fused) against the plain operators.
 
 :func:`~anomalib_contnet.backbones.contnet.linear` calls oneDNN directly for
 float32 CPU inference and ``F.linear`` everywhere else. These tests check that
@@ -100,7 +100,7 @@ def test_gradients_flow_through_the_plain_path() -> None:
 
 
 def test_exported_graph_has_standard_operators_and_matches_eager() -> None:
-    """``torch.export`` sees ``F.linear`` and the layout's permutes; its module equals eager on CPU."""
+    """``torch.export`` sees ``F.linear``, no oneDNN operator; its module equals eager on CPU."""
     torch.manual_seed(15)
     network = create_contnet("contnet_ti", num_classes=0).eval()
     image = torch.randn(2, 3, 300, 257, generator=torch.Generator().manual_seed(16))

@@ -252,13 +252,9 @@ class PatchwiseTransformerEncoder(nn.Module):
         batch, channels, height, width = x.shape
         size = self.patch_size
         rows, cols = height // size, width // size
-        # Patches are gathered from, and returned as, a channels-last view: a block's second
-        # encoder and its convolution then read the first encoder's output without a transpose,
-        # and each fold/unfold moves whole channel vectors instead of single values.
         patches = (
-            x.permute(0, 2, 3, 1)
-            .reshape(batch, rows, size, cols, size, channels)
-            .permute(0, 1, 3, 2, 4, 5)
+            x.reshape(batch, channels, rows, size, cols, size)
+            .permute(0, 2, 4, 3, 5, 1)
             .reshape(batch * rows * cols, size, size, channels)
         )
         tokens = (patches + self.position_encoding()).reshape(batch * rows * cols, size * size, channels)
@@ -267,9 +263,8 @@ class PatchwiseTransformerEncoder(nn.Module):
         tokens = self.norm2(tokens + self.mlp(tokens))
         return (
             tokens.reshape(batch, rows, cols, size, size, channels)
-            .permute(0, 1, 3, 2, 4, 5)
-            .reshape(batch, height, width, channels)
-            .permute(0, 3, 1, 2)
+            .permute(0, 5, 1, 3, 2, 4)
+            .reshape(batch, channels, height, width)
         )
 
 
@@ -342,14 +337,9 @@ class Stem(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reduce the image to a quarter of its size (sides of at least :data:`MIN_INPUT_SIDE`).
-
-        The network runs channels-last from here on (the layout the patch-wise
-        encoders fold from and return): the stem's convolution and pooling are then
-        vectorised over channels, and the first encoder needs no transposing copy.
-        """
+        """Reduce the image to a quarter of its size (sides of at least :data:`MIN_INPUT_SIDE`)."""
         check_input_size(x.shape[-2], x.shape[-1])
-        return self.maxpool(self.conv(x.contiguous(memory_format=torch.channels_last)))
+        return self.maxpool(self.conv(x))
 
 
 class ConTStage(nn.Sequential):
