@@ -32,6 +32,11 @@ disagree, the machine's load (not the code) moved the wall-time ratio.
 Both workers must report the same embedding shape and Gaussian buffer shapes,
 otherwise the comparison would not be like for like and the script stops.
 
+``--fit-images N`` times fitting instead: each request is one ``Engine.fit`` of a
+fresh ``ConTNetPaDiM`` (same seeded random backbone, ``--batch`` images per training
+step) on the same N texture images at the size given, written once per worker by
+``make_tiny_mvtec``; the table then gives seconds per fit and training images/s.
+
 ``--new REV`` measures an exported commit instead of the working tree;
 ``--new`` equal to ``--baseline`` is an A/A run that shows the noise level.
 
@@ -40,6 +45,7 @@ Run from the repository root (about 2 minutes per size and 7 rounds at 224 px on
     python benchmarks/predict_speed_vs_commit.py --baseline e052bb9 --sizes 224 256 --pairs 3 --rounds 5
     python benchmarks/predict_speed_vs_commit.py --baseline e052bb9 --new e052bb9 --sizes 224 256 --pairs 3 --rounds 5
     python benchmarks/predict_speed_vs_commit.py --sizes 1024 --n-features 100 --batch 2 --rounds 3
+    python benchmarks/predict_speed_vs_commit.py --baseline 09eda79 --fit-images 48 --pairs 1 --rounds 3
 
 At 1024 px with all 1536 dimensions the statistics alone would need about 19 GB
 (1024 positions x 1536^2 float64 sums); ``--n-features`` (anomalib Padim's random
@@ -120,6 +126,9 @@ def serve(setting: dict[str, Any]) -> None:
     if not loaded_from.is_relative_to(Path(setting["tree"]).resolve()):
         msg = f"{PACKAGE} was imported from {loaded_from}, not from the tree {setting['tree']} (check PYTHONPATH)"
         raise RuntimeError(msg)
+    if setting["fit_images"]:
+        serve_fits(setting, loaded_from.parent)
+        return
     torch.manual_seed(0)
     model = ConTNetPaDiMModel(backbone=setting["backbone"], pre_trained=False, n_features=setting["n_features"])
     model.eval()
@@ -152,6 +161,46 @@ def serve(setting: dict[str, Any]) -> None:
         for _ in sys.stdin:
             start, start_cpu = time.perf_counter(), time.process_time()
             model(images)
+            report_child_result({"wall": time.perf_counter() - start, "cpu": time.process_time() - start_cpu})
+
+
+def serve_fits(setting: dict[str, Any], package: Path) -> None:
+    """Worker for ``--fit-images``: write the training images once, then time one ``Engine.fit`` per request."""
+    from anomalib.data import MVTecAD  # noqa: PLC0415  (workers only, see serve)
+    from anomalib.engine import Engine  # noqa: PLC0415
+
+    from anomalib_contnet import ConTNetPaDiM  # noqa: PLC0415
+    from anomalib_contnet.data import make_tiny_mvtec  # noqa: PLC0415
+
+    side, batch = setting["side"], setting["batch"]
+    with tempfile.TemporaryDirectory(prefix="fit-speed-") as work:
+        root = make_tiny_mvtec(Path(work, "data"), n_train=setting["fit_images"], image_size=side, seed=0)
+        datamodule = MVTecAD(root=root, category="brick", train_batch_size=batch, eval_batch_size=batch, num_workers=0)
+
+        def fit() -> ConTNetPaDiM:
+            torch.manual_seed(0)
+            model = ConTNetPaDiM(
+                backbone=setting["backbone"],
+                pre_trained=False,
+                n_features=setting["n_features"],
+                image_size=(side, side),
+            )
+            engine = Engine(default_root_dir=Path(work, "run"), logger=False, enable_progress_bar=False)
+            engine.fit(model=model, datamodule=datamodule)
+            return model
+
+        model = fit()  # warm-up, as for predict
+        report_child_result(
+            {
+                "package": str(package),
+                "embedding": list(model.model.gaussian.mean.shape),  # positions x dimensions
+                "gaussian_shapes": sorted(list(buffer.shape) for buffer in model.model.gaussian.state_dict().values()),
+                "threads": torch.get_num_threads(),
+            }
+        )
+        for _ in sys.stdin:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fit()
             report_child_result({"wall": time.perf_counter() - start, "cpu": time.process_time() - start_cpu})
 
 
@@ -266,6 +315,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timed forwards per tree, size and worker pair")
     parser.add_argument("--pairs", type=int, default=3, help="fresh worker pairs per size, run one after another")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of each worker (default: 1)")
+    parser.add_argument("--fit-images", type=int, default=0, help="time Engine.fit on this many images instead")
     parser.add_argument("--tolerance", type=float, default=0.05, help="allowed slowdown (default: 0.05 = 5 %%)")
     args = parser.parse_args()
     if args.worker:
@@ -280,6 +330,7 @@ def main() -> None:
         baseline_label = export_package(args.baseline, trees["baseline"])
         new_label = export_package(args.new, trees["new"]) if args.new else f"working tree at {working_tree_label()}"
         rows = []
+        images_per_request = args.fit_images or args.batch
         for side in args.sizes:
             setting = {
                 "backbone": args.backbone,
@@ -288,6 +339,7 @@ def main() -> None:
                 "batch": args.batch,
                 "threads": args.threads,
                 "cpu": max(os.sched_getaffinity(0)),
+                "fit_images": args.fit_images,
             }
             result = compare(trees, setting, args.rounds, args.pairs)
             info = result["info"]["new"]
@@ -303,8 +355,8 @@ def main() -> None:
                         clock,
                         1e3 * median(baseline),
                         1e3 * median(new),
-                        args.batch / median(baseline),
-                        args.batch / median(new),
+                        images_per_request / median(baseline),
+                        images_per_request / median(new),
                         f"{ratio:.3f}",
                         f"{low:.3f}-{high:.3f}",
                         f"{min(per_round):.3f}-{max(per_round):.3f}",
@@ -313,8 +365,9 @@ def main() -> None:
                 )
             print(f"{side} px: baseline {result['info']['baseline']}\n{side} px: new {info}", flush=True)
 
+    timed = f"Engine.fit on {args.fit_images} images" if args.fit_images else "Eager predict"
     print(
-        f"\n## Eager predict, {args.backbone}, batch {args.batch}, {args.threads} thread(s), "
+        f"\n## {timed}, {args.backbone}, batch {args.batch}, {args.threads} thread(s), "
         f"{args.pairs} worker pairs x {args.rounds} rounds, both pinned to CPU {max(os.sched_getaffinity(0))}\n"
     )
     print(f"baseline: {baseline_label}\nnew: {new_label}\n")
@@ -322,8 +375,8 @@ def main() -> None:
         "side px",
         "embedding",
         "clock",
-        "baseline ms/batch",
-        "new ms/batch",
+        f"baseline ms/{'fit' if args.fit_images else 'batch'}",
+        f"new ms/{'fit' if args.fit_images else 'batch'}",
         "baseline img/s",
         "new img/s",
         "time new / baseline",

@@ -1,36 +1,38 @@
-"""Predict throughput against what this CPU's matrix-multiply rate allows, in float32 and bfloat16.
+"""Predict throughput: eager PyTorch against OpenVINO, and both against this CPU's matrix-multiply rate.
 
-1. The matrix-multiply rate of this CPU: best GFLOP/s of a square float32 and
-   bfloat16 product, in torch and in OpenVINO (oneDNN) with the same thread
-   count, measured in this run; the better of the two is the CPU's rate (torch's
-   float32 product uses MKL, which reaches about half of oneDNN's rate on AMD CPUs).
+1. The matrix-multiply rates of this CPU, per thread count: a square 2048 product
+   in float32 and bfloat16, in torch and in OpenVINO (oneDNN), and the encoders'
+   typical float32 product (1568x512 by 512x2048: contnet_b's stage-3 MLP at batch 8)
+   through torch's ``F.linear`` (MKL) and through the oneDNN primitive the
+   backbone uses for CPU inference (``contnet.linear``).
 2. The model's floating-point operations per image, counted by torch's
    ``FlopCounterMode`` over the whole forward (backbone stages up to layer4,
    Mahalanobis step, anomaly map), with ``contnet_flops_per_image`` for the
    backbone alone.
-3. Images/s at batch 8: eager PyTorch (float32), and the ONNX export converted
-   to OpenVINO (as anomalib exports) compiled with ``INFERENCE_PRECISION_HINT``
-   ``f32`` and ``bf16`` (the CPU plugin's default on CPUs with AVX512-BF16 or AMX).
-   The runtimes are timed interleaved, medians reported.
+3. Images/s per thread count and batch size: eager PyTorch (float32), and the ONNX
+   export converted to OpenVINO (as anomalib exports) compiled with
+   ``INFERENCE_PRECISION_HINT`` ``f32`` and ``bf16`` (the CPU plugin's default on
+   CPUs with AVX512-BF16 or AMX), timed interleaved in this process, medians reported.
 
 "efficiency" = images/s x FLOPs per image / matmul rate of the same precision:
-the share of the machine's multiply rate the whole model sustains.
+the share of the machine's multiply rate the whole model sustains. The last table
+gives the ratios the performance targets name: eager / OpenVINO f32 images/s and
+OpenVINO f32's efficiency against the best float32 rate of the same run.
 
-Run from the repository root (about 10 minutes on 2 busy cores)::
+Run from the repository root (about 5 minutes on 2 busy cores)::
 
-    python benchmarks/throughput.py --work /tmp/throughput --threads 1
+    python benchmarks/throughput.py --work /tmp/throughput --threads 1 2 --batches 1 8
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import openvino as ov
 import torch
 from _common import (
-    add_threads_option,
-    apply_threads,
     export_onnx,
     fitted_model,
     interleaved_timings,
@@ -43,7 +45,7 @@ from _common import (
 from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_contnet import ConTNetPaDiMModel
-from anomalib_contnet.backbones.contnet import contnet_flops_per_image
+from anomalib_contnet.backbones.contnet import contnet_flops_per_image, linear
 
 
 def model_flops(model: ConTNetPaDiMModel, side: int) -> int:
@@ -53,74 +55,96 @@ def model_flops(model: ConTNetPaDiMModel, side: int) -> int:
     return int(counter.get_total_flops())
 
 
+def encoder_product_rates(rounds: int = 5) -> dict[str, float]:
+    """Best GFLOP/s of the encoders' typical float32 product through MKL (``F.linear``) and oneDNN (``linear``)."""
+    tokens, inputs, outputs = 1568, 512, 2048
+    layer = torch.nn.Linear(inputs, outputs)
+    sample = torch.randn(tokens, inputs)
+    with torch.no_grad():
+        seconds = interleaved_timings(
+            {
+                "torch F.linear (MKL)": lambda: torch.nn.functional.linear(sample, layer.weight, layer.bias),
+                "torch contnet.linear (oneDNN)": lambda: linear(sample, layer),
+            },
+            rounds,
+        )
+    return {name: 2 * tokens * inputs * outputs / min(times) / 1e9 for name, times in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for the ONNX/OpenVINO files")
     parser.add_argument("--backbone", default="contnet_b")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch and OpenVINO thread counts")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--factor-dtype", default="float32", choices=("float32", "float16"))
-    add_threads_option(parser)
     args = parser.parse_args()
-    apply_threads(args.threads)
-    threads = torch.get_num_threads()
     print(machine_summary(), "\n")
 
     model = fitted_model(args.backbone, args.factor_dtype)
     side = 224
     flops = model_flops(model, side)
     backbone_flops = contnet_flops_per_image(model.feature_extractor.backbone, side)
-    images = torch.randn(args.batch, 3, side, side, generator=torch.Generator().manual_seed(1))
-
-    onnx_path = export_onnx(model, args.work / "model.onnx", images[:2])
-    converted = ov.convert_model(onnx_path)
+    images = torch.randn(max(args.batches), 3, side, side, generator=torch.Generator().manual_seed(1))
+    converted = ov.convert_model(export_onnx(model, args.work / "model.onnx", images[:2]))
     core = ov.Core()
-    compiled = {
-        precision: core.compile_model(
-            converted,
-            "CPU",
-            {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads},
-        )
-        for precision in ("f32", "bf16")
-    }
-    default_precision = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
-    pixels = images.numpy()
-
-    with torch.no_grad():
-        timings = interleaved_timings(
-            {
-                "eager fp32": lambda: model(images),
-                "OpenVINO f32": lambda: compiled["f32"](pixels),
-                "OpenVINO bf16": lambda: compiled["bf16"](pixels),
-            },
-            rounds=args.rounds,
-        )
-    rates = {
-        ("float32", "torch (MKL)"): matmul_rate(torch.float32),
-        ("float32", "OpenVINO (oneDNN)"): openvino_matmul_rate("f32", threads),
-        ("bfloat16", "torch (oneDNN)"): matmul_rate(torch.bfloat16),
-        ("bfloat16", "OpenVINO (oneDNN)"): openvino_matmul_rate("bf16", threads),
-    }
-    best = {dtype: max(rate for (kind, _), rate in rates.items() if kind == dtype) for dtype in ("float32", "bfloat16")}
-    print(f"## Matrix-multiply rate, 2048x2048, {threads} threads\n")
-    print(markdown_table(["dtype", "library", "GFLOP/s"], [[*key, rate] for key, rate in rates.items()]))
-    print(f"\nbfloat16 / float32 (best of each): {best['bfloat16'] / best['float32']:.2f}x\n")
     print(
         f"FLOPs per image at {side} px: whole model {flops / 1e9:.2f} G (backbone {backbone_flops / 1e9:.2f} G); "
-        f"float32 ideal = best float32 rate / FLOPs = {best['float32'] * 1e9 / flops:.2f} images/s; "
-        f"OpenVINO's default inference precision here: {default_precision}\n"
+        f"OpenVINO's default inference precision here: {core.get_property('CPU', 'INFERENCE_PRECISION_HINT')}\n"
     )
-    rows = []
-    for name, seconds in timings.items():
-        rate = args.batch / median(seconds)
-        dtype = "bfloat16" if "bf16" in name else "float32"
-        rows.append([name, rate, rate * flops / 1e9, rate * flops / (best[dtype] * 1e9)])
-    print(f"## Predict throughput, {args.backbone}, batch {args.batch}, {threads} threads, {args.rounds} rounds\n")
-    print(markdown_table(["runtime", "images/s", "GFLOP/s sustained", "efficiency vs best matmul rate"], rows))
-    openvino_f32 = args.batch / median(timings["OpenVINO f32"])
-    openvino_bf16 = args.batch / median(timings["OpenVINO bf16"])
-    print(f"\n- OpenVINO bf16 / f32 images/s: {openvino_bf16 / openvino_f32:.2f}x")
-    print(f"- OpenVINO f32 / eager images/s: {openvino_f32 / (args.batch / median(timings['eager fp32'])):.2f}x")
+
+    rate_rows, speed_rows, ratio_rows = [], [], []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        compiled = {
+            precision: core.compile_model(converted, "CPU", {**config, "INFERENCE_PRECISION_HINT": precision})
+            for precision in ("f32", "bf16")
+        }
+        rates = {
+            ("float32", "2048 square", "torch (MKL)"): matmul_rate(torch.float32),
+            ("float32", "2048 square", "OpenVINO (oneDNN)"): openvino_matmul_rate("f32", threads),
+            ("bfloat16", "2048 square", "torch (oneDNN)"): matmul_rate(torch.bfloat16),
+            ("bfloat16", "2048 square", "OpenVINO (oneDNN)"): openvino_matmul_rate("bf16", threads),
+        }
+        rates.update({("float32", "1568x512x2048", name): rate for name, rate in encoder_product_rates().items()})
+        rate_rows += [[threads, *key, rate] for key, rate in rates.items()]
+        best = {dtype: max(rate for key, rate in rates.items() if key[0] == dtype) for dtype in ("float32", "bfloat16")}
+        for batch in args.batches:
+            batch_images = images[:batch]
+            pixels = batch_images.numpy()
+            with torch.no_grad():
+                timings = interleaved_timings(
+                    {
+                        "eager fp32": partial(model, batch_images),
+                        "OpenVINO f32": partial(compiled["f32"], pixels),
+                        "OpenVINO bf16": partial(compiled["bf16"], pixels),
+                    },
+                    rounds=args.rounds,
+                )
+            per_second = {name: batch / median(seconds) for name, seconds in timings.items()}
+            for name, rate in per_second.items():
+                dtype = "bfloat16" if "bf16" in name else "float32"
+                speed_rows.append([threads, batch, name, rate, rate * flops / 1e9, rate * flops / (best[dtype] * 1e9)])
+            ratio_rows.append(
+                [
+                    threads,
+                    batch,
+                    per_second["eager fp32"] / per_second["OpenVINO f32"],
+                    per_second["OpenVINO f32"] * flops / (best["float32"] * 1e9),
+                    per_second["OpenVINO bf16"] / per_second["OpenVINO f32"],
+                ]
+            )
+
+    print("## Matrix-multiply rates\n")
+    print(markdown_table(["threads", "dtype", "product", "library", "GFLOP/s"], rate_rows))
+    print(f"\n## Predict throughput, {args.backbone}, {side} px, {args.rounds} rounds\n")
+    headers = ["threads", "batch", "runtime", "images/s", "GFLOP/s sustained", "efficiency vs best matmul rate"]
+    print(markdown_table(headers, speed_rows))
+    print("\n## Ratios\n")
+    headers = ["threads", "batch", "eager / OpenVINO f32", "OpenVINO f32 / best float32 rate", "OpenVINO bf16 / f32"]
+    print(markdown_table(headers, ratio_rows))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,114 @@
+"""ConTNet's CPU inference path (oneDNN linear layers, GELU fused) against the plain operators.
+
+:func:`~anomalib_contnet.backbones.contnet.linear` calls oneDNN directly for
+float32 CPU inference and ``F.linear`` everywhere else. These tests check that
+the two give the same network outputs, that each excluded case really takes
+``F.linear``, and that an exported graph holds only standard operators and
+matches eager inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from contnet_stages import stage_maps
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from anomalib_contnet.backbones.contnet import ConTNet, FeedForward, create_contnet, linear, onednn_linear_applies
+
+ONEDNN_LINEAR = "mkldnn::_linear_pointwise"
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute deviation relative to the largest reference magnitude."""
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+def profiled_operators(function: Callable[..., object], *args: object, **kwargs: object) -> set[str]:
+    """Names of the operators ``function(*args, **kwargs)`` ran, as torch's profiler records them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        function(*args, **kwargs)
+    return {event.key for event in profile.key_averages()}
+
+
+@pytest.fixture(scope="module", params=["contnet_ti", "contnet_b"])
+def network(request: pytest.FixtureRequest) -> ConTNet:
+    torch.manual_seed(11)
+    return create_contnet(request.param, num_classes=0).eval()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("size", [(224, 224), (300, 257)])
+def test_onednn_path_equals_the_plain_operators(network: ConTNet, size: tuple[int, int]) -> None:
+    """Every stage within 1e-5 relative of the same network on ``F.linear`` (oneDNN switched off)."""
+    image = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(12))
+    fast = stage_maps(network, image)
+    with torch.backends.mkldnn.flags(enabled=False):
+        plain = stage_maps(network, image)
+    for name, expected in plain.items():
+        assert fast[name].shape == expected.shape, name
+        assert relative_error(fast[name], expected) < 1e-5, name
+    assert ONEDNN_LINEAR in profiled_operators(stage_maps, network, image)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert ONEDNN_LINEAR not in profiled_operators(stage_maps, network, image)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("gelu", [False, True])
+def test_linear_equals_the_layer_with_exact_gelu(gelu: bool) -> None:
+    layer = nn.Linear(48, 80)
+    tokens = torch.randn(3, 49, 48, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        expected = layer(tokens)
+        expected = torch.nn.functional.gelu(expected) if gelu else expected
+        assert ONEDNN_LINEAR in profiled_operators(linear, tokens, layer, gelu=gelu)
+        actual = linear(tokens, layer, gelu=gelu)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_every_excluded_case_takes_f_linear() -> None:
+    """Autograd, autocast, dispatch modes, tracing, other dtypes and a switched-off oneDNN keep the usual operator."""
+    layer = nn.Linear(8, 8)
+    tokens = torch.randn(4, 8)
+    with torch.no_grad():
+        assert onednn_linear_applies(tokens, layer.weight) == torch.backends.mkldnn.is_available()
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not onednn_linear_applies(tokens, layer.weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not onednn_linear_applies(tokens, layer.weight)
+        with FlopCounterMode(display=False):
+            assert not onednn_linear_applies(tokens, layer.weight)
+        assert not onednn_linear_applies(tokens.double(), layer.weight.double())
+    assert not onednn_linear_applies(tokens, layer.weight)  # gradients on: the weight requires them
+    with torch.no_grad():
+        traced = torch.jit.trace(FeedForward(8, 16, dropout=0.0).eval(), (tokens,))  # as ONNX's TorchScript exporter
+    graph = str(traced.inlined_graph)
+    assert "mkldnn" not in graph
+    assert "aten::linear" in graph
+    assert "aten::gelu" in graph
+
+
+def test_gradients_flow_through_the_plain_path() -> None:
+    """Training (gradients enabled) still works: the layer's weight gets a gradient."""
+    torch.manual_seed(14)
+    network = create_contnet("contnet_ti", inplanes=8, mlp_dim=(8, 16, 16, 16), num_classes=10).train()
+    network(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert network.layer1.ConTBlock0.ste1.mlp.fc1.weight.grad is not None
+
+
+def test_exported_graph_has_standard_operators_and_matches_eager() -> None:
+    """``torch.export`` sees ``F.linear``, no oneDNN operator; its module equals eager on CPU."""
+    torch.manual_seed(15)
+    network = create_contnet("contnet_ti", num_classes=0).eval()
+    image = torch.randn(2, 3, 300, 257, generator=torch.Generator().manual_seed(16))
+    exported = torch.export.export(network, (image,))
+    graph = str(exported.graph)
+    assert "mkldnn" not in graph
+    assert "aten.linear" in graph
+    with torch.no_grad():
+        eager = network(image)
+        from_export = exported.module()(image)
+    assert relative_error(from_export, eager) < 1e-5
