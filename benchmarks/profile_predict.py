@@ -66,7 +66,7 @@ def pieces(module: ConTNetPaDiM, raw: torch.Tensor) -> list[tuple[str, Callable[
         source = name
     steps += [
         ("embedding (concatenate layers)", embedding),
-        ("head: Mahalanobis (packed factor)", lambda: state.update(distances=model.gaussian(state["embedding"]))),
+        ("head: Mahalanobis", lambda: state.update(distances=model.gaussian(state["embedding"]))),
         (
             "head: upsample + blur (factored)",
             lambda: state.update(

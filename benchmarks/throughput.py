@@ -78,11 +78,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch and OpenVINO thread counts")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--factor-dtype", default="float32", choices=("float32", "float16"))
     args = parser.parse_args()
     print(machine_summary(), "\n")
 
-    model = fitted_model(args.backbone, args.factor_dtype)
+    model = fitted_model(args.backbone)
     side = 224
     flops = model_flops(model, side)
     backbone_flops = contnet_flops_per_image(model.feature_extractor.backbone, side)

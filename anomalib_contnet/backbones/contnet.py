@@ -105,11 +105,15 @@ class AvgDownShortcut(nn.Module):
         return self.conv(self.pool(x))
 
 
+ONEDNN_LINEAR_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+"""Whether this torch build has oneDNN's linear primitive (a private operator: other builds fall back to F.linear)."""
+
+
 def onednn_linear_applies(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`linear` may call oneDNN directly: plain float32 CPU inference in eager mode.
 
-    Every other case keeps ``F.linear``, so CUDA, autocast (the ``precision``
-    option), autograd, ``torch.compile``, ``torch.export``, ONNX tracing and
+    Every other case keeps ``F.linear``, so CUDA, autocast (Lightning's mixed
+    precision), autograd, ``torch.compile``, ``torch.export``, ONNX tracing and
     dispatch modes (``FlopCounterMode`` counts ``F.linear`` only) see the usual
     operator, and ``torch.backends.mkldnn.flags(enabled=False)`` is respected.
     """
@@ -118,7 +122,7 @@ def onednn_linear_applies(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
         and not is_in_torch_dispatch_mode()
         and tokens.device.type == "cpu"
         and tokens.dtype == weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
+        and ONEDNN_LINEAR_AVAILABLE
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
         and not (torch.is_grad_enabled() and (tokens.requires_grad or weight.requires_grad))
