@@ -20,8 +20,6 @@ from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, WeightsError, c
 __all__ = [
     "DEFAULT_CONFIG_NAMES",
     "MODEL_CONFIGS",
-    "OFFLINE_EFFICIENTNET_LABEL",
-    "RANDOM_INIT_LABEL",
     "JobWeights",
     "ModelConfig",
     "find_contnet_weights",
@@ -46,17 +44,6 @@ class ModelConfig:
     layers: tuple[str, ...]
     options: dict[str, Any] = field(default_factory=dict)
     """Further constructor arguments (``n_features`` for Padim-style models)."""
-
-    @property
-    def display_model(self) -> str:
-        """The model's class name as users know it."""
-        names = {
-            "contnet_padim": "ConTNetPaDiM",
-            "padim": "Padim",
-            "patchcore": "Patchcore",
-            "mhpatchcore": "MHPatchcore",
-        }
-        return names[self.family]
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
@@ -109,9 +96,7 @@ class JobWeights:
     """How one configuration's backbone gets its weights in a job."""
 
     label: str
-    """The ``weights`` column of the table."""
     init_args: dict[str, Any]
-    """``pre_trained`` / ``weights`` constructor arguments."""
     environment: dict[str, str] = field(default_factory=dict)
     """Variables set for this job's process only: how ConTNet weights reach a model without a ``weights`` argument."""
     backbone_file: str | None = None
@@ -151,9 +136,6 @@ def resolve_job_weights(config: ModelConfig, offline_efficientnet: Path | None, 
       features unless ``allow_download``.
     """
     if config.backbone == "efficientnet_lite0":
-        if offline_efficientnet is None:
-            msg = "internal error: efficientnet_lite0 configurations need the converted weights file"
-            raise ValueError(msg)
         if config.family == "contnet_padim":
             return JobWeights(OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True, "weights": str(offline_efficientnet)})
         return JobWeights(OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": False}, backbone_file=str(offline_efficientnet))
