@@ -30,6 +30,8 @@ KNOWN_WARNINGS: dict[str, type[Warning]] = {
     # The frozen backbone stays in eval mode on purpose (<n>: a number that varies).
     "Found <n> module(s) in eval mode at the start of training. This may lead to unexpected behavior during "
     "training. If this is intentional, you can ignore this warning.": UserWarning,
+    # The benchmark fits on the training images alone; it scores the test images itself, on raw scores.
+    "You defined a `validation_step` but have no `val_dataloader`. Skipping val loop.": UserWarning,
     # anomalib's predict builds its DataLoader with pin_memory=True, also on CPU-only machines.
     "'pin_memory' argument is set as true but no accelerator is found, then device pinned memory won't be used": (
         UserWarning
