@@ -28,7 +28,7 @@ from anomalib_contnet.backbones.weight_files import PUBLISHED_URLS, WEIGHTS_ENV,
 from anomalib_contnet.data import DatasetPrepareError
 from anomalib_contnet.data.elpv import seeded_order
 from anomalib_contnet.demo.figures import render_prediction_grid, render_roc_curves
-from anomalib_contnet.evaluation.configs import MODEL_CONFIGS, ModelConfig, find_contnet_weights, resolve_job_weights
+from anomalib_contnet.evaluation import configs
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, select_images
 from anomalib_contnet.evaluation.worker import JobSpec, fit, score
 from anomalib_contnet.pretrained import WeightConversionError
@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> None:
     """Run every step in a staging folder and publish it as ``args.out``."""
-    contnet_found = find_contnet_weights("contnet_b") is not None
+    contnet_found = configs.find_contnet_weights("contnet_b") is not None
     if args.backbone == "contnet_b" and not (contnet_found or args.random_init):
         msg = (
             f"the ConTNet-B ImageNet weights are not on this machine.\n{how_to_get_contnet_weights()}\nOr run with "
@@ -103,13 +103,13 @@ def run_demo(args: argparse.Namespace) -> None:
         )
         raise DemoError(msg)
     paper = args.backbone == "contnet_b" or (args.backbone == "auto" and contnet_found)
-    config = MODEL_CONFIGS["contnet_padim_contnet_b" if paper else "contnet_padim_efficientnet_lite0"]
+    config = configs.MODEL_CONFIGS["contnet_padim_contnet_b" if paper else "contnet_padim_efficientnet_lite0"]
     if paper:
-        weights = resolve_job_weights(config, None, allow_download=False)
+        weights = configs.resolve_job_weights(config, None, allow_download=False)
     else:
         from anomalib_contnet.pretrained import offline_efficientnet_lite0  # noqa: PLC0415  (converts on first use)
 
-        weights = resolve_job_weights(config, offline_efficientnet_lite0(), allow_download=False)
+        weights = configs.resolve_job_weights(config, offline_efficientnet_lite0(), allow_download=False)
     print(f"[demo] backbone: {config.backbone} ({weights.label})", flush=True)
     out = args.out.expanduser()
     with staged_folder(out) as staging:
@@ -197,23 +197,23 @@ def _predict_samples(model_xml: Path, subset: CategorySubset, count: int, seed: 
 
 
 def _report(
-    args: argparse.Namespace, config: ModelConfig, weights_label: str, subset: CategorySubset, summary: dict[str, Any]
+    args: argparse.Namespace,
+    config: configs.ModelConfig,
+    weights_label: str,
+    subset: CategorySubset,
+    summary: dict[str, Any],
 ) -> str:
     """The markdown report (paths relative to the report's folder)."""
-    if config.backbone == "contnet_b" and weights_label != "random init":
-        weights_note = "These are the paper's backbone and weights."
-    elif config.backbone == "contnet_b":
-        weights_note = (
-            "**The features are untrained (random initialisation)**: the results show that the pipeline "
-            "runs, not how well ConTNet-B features detect anomalies."
+    if weights_label == configs.RANDOM_INIT_LABEL:
+        weights_note = "**The features are untrained (random initialisation)**: the results show that the pipeline"
+        weights_note += (
+            f" runs, not how well ConTNet-B features detect anomalies.\n\n```\n{how_to_get_contnet_weights()}\n```"
         )
+    elif config.backbone != "contnet_b":
+        weights_note = "This is not the paper's backbone: the results show what the ConTNetPaDiM method does with real"
+        weights_note += f" ImageNet features from a compact CNN.\n\n```\n{how_to_get_contnet_weights()}\n```"
     else:
-        weights_note = (
-            "This is not the paper's backbone: the results show what the ConTNetPaDiM method does with "
-            "real ImageNet features from a compact CNN (the ConTNet-B weights are not on this machine)."
-        )
-    if config.backbone != "contnet_b" or weights_label == "random init":
-        weights_note += f"\n\n```\n{how_to_get_contnet_weights()}\n```"
+        weights_note = "These are the paper's backbone and weights."
     raw = summary["raw"]
     lines = [
         "# anomalib-contnet demo",

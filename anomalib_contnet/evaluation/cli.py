@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import shlex
 import sys
 from pathlib import Path
@@ -82,7 +81,7 @@ def _command(args: argparse.Namespace) -> str:
     words = ["anomalib-contnet", "benchmark"]
     for name, value in vars(args).items():
         skipped = {"group", "handler", "job_timeout", "keep_checkpoints", "max_train" if args.few_shot else "seeds"}
-        if name in skipped or value in (None, False, []):
+        if name in skipped or value is None or value is False or value == []:  # 0 is a value: --max-train 0
             continue
         option = "--" + name.replace("_", "-")
         as_text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
@@ -92,29 +91,13 @@ def _command(args: argparse.Namespace) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        table = run_benchmark(
-            args.data_root,
-            args.categories,
-            args.out.expanduser(),
-            max_train=args.max_train,
-            max_test=args.max_test,
-            config_names=args.configs,
-            image_size=args.image_size,
-            seed=args.seed,
-            coreset_ratio=args.coreset_ratio,
-            allow_download=args.allow_download,
-            job_timeout_s=args.job_timeout,
-            keep_checkpoints=args.keep_checkpoints,
-            few_shot=args.few_shot,
-            seeds=args.seeds if args.few_shot else [],
-            command=_command(args),
-            log=functools.partial(print, flush=True),  # a log file sees progress as it happens
-        )
+        args.out = args.out.expanduser()
+        table = run_benchmark(args, _command(args))
     except (BenchmarkError, DatasetPrepareError, WeightsError, WeightConversionError, OSError) as error:
         print(f"anomalib-contnet benchmark: error: {error}", file=sys.stderr)
         return 2
     failed = table.status.str.startswith("failed").sum()
     if failed:
-        print(f"{failed} of {len(table)} jobs failed; see the Status column", file=sys.stderr)
+        print(f"{failed} of {len(table)} jobs failed; see the status column", file=sys.stderr)
         return 1
     return 0

@@ -10,6 +10,8 @@ skips a job whose folder holds a successful result for the same settings, so a r
 
 from __future__ import annotations
 
+import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -18,7 +20,6 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
@@ -29,7 +30,7 @@ import pandas as pd
 
 from anomalib_contnet.atomic_files import write_bytes_atomically, write_text_atomically
 from anomalib_contnet.backbones.contnet_configs import is_contnet
-from anomalib_contnet.evaluation.configs import DEFAULT_CONFIG_NAMES, MODEL_CONFIGS, ModelConfig, resolve_job_weights
+from anomalib_contnet.evaluation.configs import MODEL_CONFIGS, ModelConfig, resolve_job_weights
 from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, PAPER_AUROC_PERCENT
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, select_images
 from anomalib_contnet.evaluation.worker import JobSpec, run_job
@@ -57,59 +58,43 @@ class BenchmarkError(RuntimeError):
     """The benchmark cannot start as asked; the message says what to change."""
 
 
-def run_benchmark(
-    data_root: Path | str,
-    categories: Sequence[str],
-    out: Path,
-    *,
-    max_train: int = 40,
-    max_test: int = 60,
-    config_names: Sequence[str] = DEFAULT_CONFIG_NAMES,
-    image_size: int = 224,
-    seed: int = DEFAULT_SEED,
-    coreset_ratio: float = DEFAULT_CORESET_RATIO,
-    allow_download: bool = False,
-    job_timeout_s: float | None = None,
-    keep_checkpoints: bool = False,
-    few_shot: Sequence[int] = (),
-    seeds: Sequence[int] = (),
-    command: str = "",
-    log: Callable[[str], None] = print,
-) -> pd.DataFrame:
-    """Benchmark ``config_names`` on ``categories``; return the table's rows (jobs, then means).
+def run_benchmark(args: argparse.Namespace, command: str) -> pd.DataFrame:
+    """Benchmark ``args.configs`` on ``args.categories`` (the command's options); return the table's rows.
 
-    Writes ``out/benchmark.csv`` and ``out/benchmark.md`` after every job, data subsets under
-    ``out/data`` and per job ``out/jobs/<id>/`` (spec, key, result, log). A failed job becomes a row
-    with its reason. ``few_shot`` (training image counts, 0 = all) with ``seeds``: every configuration
-    is fitted on N images drawn with each seed and scored on one test set, in this process (no per-job
-    memory: starting a process would cost more than such a job); ``out/few_shot.md`` and
+    Writes ``benchmark.csv`` and ``benchmark.md`` (jobs, then means) under ``args.out`` after every
+    job, data subsets under ``data/`` and per job ``jobs/<id>/`` (spec, key, result, log). A failed job
+    becomes a row with its reason. ``args.few_shot`` (training image counts, 0 = all): every configuration
+    is fitted on N images drawn with each of ``args.seeds`` and scored on one test set, in this process
+    (no per-job memory: starting a process would cost more than such a job); ``few_shot.md`` and
     ``few_shot.png`` give the mean and standard error over the seeds.
     """
-    unknown = sorted(set(config_names) - set(MODEL_CONFIGS))
-    if unknown or not config_names or not categories:
+    log = functools.partial(print, flush=True)  # a log file sees progress as it happens
+    unknown = sorted(set(args.configs) - set(MODEL_CONFIGS))
+    if unknown or not args.configs or not args.categories:
         msg = f"name at least one category and configuration; unknown {unknown}, choose from {', '.join(MODEL_CONFIGS)}"
         raise BenchmarkError(msg)
-    if few_shot and (not seeds or min(few_shot) < 0):
+    if args.few_shot and (not args.seeds or min(args.few_shot) < 0):
         msg = "--few-shot needs training image counts >= 0 (0 = all) and at least one seed in --seeds"
         raise BenchmarkError(msg)
-    configs = [MODEL_CONFIGS[name] for name in dict.fromkeys(config_names)]
+    configs = [MODEL_CONFIGS[name] for name in dict.fromkeys(args.configs)]
     started = datetime.now(timezone.utc)
-    log(f"== preparing data ({', '.join(categories)}) ==")
-    sources = [ensure_category(data_root, category) for category in categories]
+    log(f"== preparing data ({', '.join(args.categories)}) ==")
+    sources = [ensure_category(args.data_root, category) for category in args.categories]
     draws = []  # (images, seed of the fit, job id suffix); few-shot: seed by seed, so a stopped run has whole curves
-    for draw, source, n_train in itertools.product(seeds, sources, few_shot) if few_shot else []:
-        folder = out / "data" / f"n{n_train}_s{draw}"
-        images = select_images(source, folder, max_train=n_train, max_test=max_test, seed=seed, train_seed=draw)
-        draws.append((images, draw, f"__n{n_train}_s{draw}"))
-    for source in [] if few_shot else sources:
-        draws.append((select_images(source, out / "data", max_train=max_train, max_test=max_test, seed=seed), seed, ""))
+    for draw, source, n_train in itertools.product(args.seeds, sources, args.few_shot) if args.few_shot else []:
+        folder = args.out / "data" / f"n{n_train}_s{draw}"
+        sizes = {"max_train": n_train, "max_test": args.max_test, "seed": args.seed}
+        draws.append((select_images(source, folder, **sizes, train_seed=draw), draw, f"__n{n_train}_s{draw}"))
+    for source in [] if args.few_shot else sources:
+        sizes = {"max_train": args.max_train, "max_test": args.max_test, "seed": args.seed}
+        draws.append((select_images(source, args.out / "data", **sizes), args.seed, ""))
     lite0 = None
     if any(config.backbone == "efficientnet_lite0" for config in configs):
         from anomalib_contnet.pretrained import offline_efficientnet_lite0  # noqa: PLC0415  (converts on first use)
 
         lite0 = offline_efficientnet_lite0()
-    weights = {config.name: resolve_job_weights(config, lite0, allow_download) for config in configs}
-    header = _header(started, command, image_size, seed, coreset_ratio, [subset for subset, _, _ in draws])
+    weights = {config.name: resolve_job_weights(config, lite0, args.allow_download) for config in configs}
+    header = _header(started, command, args, [subset for subset, _, _ in draws])
     rows: list[dict[str, Any]] = []
     jobs = [(subset, draw, suffix, config) for subset, draw, suffix in draws for config in configs]
     for index, (subset, draw, suffix, config) in enumerate(jobs, start=1):
@@ -117,7 +102,7 @@ def run_benchmark(
         init_args = {"backbone": config.backbone, "layers": list(config.layers), **config.options}
         init_args |= job_weights.init_args
         if config.family == "patchcore":
-            init_args["coreset_sampling_ratio"] = coreset_ratio
+            init_args["coreset_sampling_ratio"] = args.coreset_ratio
         job_id = f"{subset.category}__{config.name}{suffix}"
         data = {"dataset_root": str(subset.root.resolve()), "category": subset.category}
         spec = JobSpec(
@@ -126,27 +111,29 @@ def run_benchmark(
             init_args,
             **data,
             pixel_labels=subset.pixel_labels,
-            work_dir=str((out / "jobs" / job_id).resolve()),
-            image_size=image_size,
+            work_dir=str((args.out / "jobs" / job_id).resolve()),
+            image_size=args.image_size,
             seed=draw,
             backbone_file=job_weights.backbone_file,
-            keep_checkpoint=keep_checkpoints,
+            keep_checkpoint=args.keep_checkpoints,
         )
         key = _job_key(spec, subset, job_weights.label, job_weights.environment)
         result = _finished_result(Path(spec.work_dir), key)
         state = "finished earlier, skipped" if result else f"running ({job_weights.label})"
         log(f"== [{index}/{len(jobs)}] {job_id}: {state} ==")
         if result is None:
-            environment = None if few_shot else _job_environment(allow_download) | job_weights.environment
-            result = _run_job(spec, key, environment, job_timeout_s)
+            environment = None if args.few_shot else _job_environment(args.allow_download) | job_weights.environment
+            result = _run_job(spec, key, environment, args.job_timeout)
             if result["status"] != "ok":
                 log(f"   FAILED: {result['status']}")
         rows.append(_row(spec, config, job_weights.label, subset) | result)
-        table = _write_tables(rows, out, header, means=not few_shot)  # after every job: a partial table survives
-    if few_shot:
-        _write_few_shot(table, out, header)
-        log(f"wrote {out / 'few_shot.md'} and {out / 'few_shot.png'}")
-    log(f"wrote {out / 'benchmark.csv'}, {out / 'benchmark.md'}")
+        table = _write_tables(
+            rows, args.out, header, means=not args.few_shot
+        )  # after every job: a partial table survives
+    if args.few_shot:
+        _write_few_shot(table, args.out, header)
+        log(f"wrote {args.out / 'few_shot.md'} and {args.out / 'few_shot.png'}")
+    log(f"wrote {args.out / 'benchmark.csv'}, {args.out / 'benchmark.md'}")
     return table
 
 
@@ -344,17 +331,16 @@ def _markdown(title: str, header: list[str], table: pd.DataFrame, notes: list[st
     return "\n".join([*lines, "", *notes]) + "\n"
 
 
-def _header(
-    started: datetime, command: str, image_size: int, seed: int, coreset_ratio: float, subsets: list[CategorySubset]
-) -> list[str]:
+def _header(started: datetime, command: str, args: argparse.Namespace, subsets: list[CategorySubset]) -> list[str]:
     """Lines for the markdown header: what ran, where, on which data (one line per category)."""
     versions = ", ".join(f"{name} {_version(name)}" for name in ("anomalib", "torch", "timm", "anomalib-contnet"))
     lines = [
         f"Run: {started:%Y-%m-%d %H:%M UTC} on {platform.machine()} with {os.cpu_count()} CPU cores "
         f"(Python {platform.python_version()}; {versions}).",
         f"Command: `{command}`",
-        f"Protocol: input {image_size}x{image_size} px (resize, no crop) for every model; seed {seed}; metrics on "
-        f"raw scores (no post-processing); Patchcore coreset ratio {coreset_ratio} (anomalib's default is 0.1).",
+        f"Protocol: input {args.image_size}x{args.image_size} px (resize, no crop) for every model; seed {args.seed}; "
+        f"metrics on raw scores (no post-processing); Patchcore coreset ratio {args.coreset_ratio} (anomalib's "
+        "default is 0.1).",
     ]
     for category, members in itertools.groupby(sorted(subsets, key=lambda s: s.category), lambda s: s.category):
         members = list(members)
