@@ -1,10 +1,10 @@
 """Silence the third-party messages that users of this package cannot act on, each matched by its exact text.
 
 Only the package's own entry points install these filters (the ``anomalib-contnet`` command, so the demo,
-and the benchmark's worker processes); importing the package changes no filter. Each entry was seen in
-the output of ``anomalib-contnet demo --tiny`` with anomalib 2.7, timm 1.0, Lightning 2.6 and torch 2.14.
-A message that differs in any word (a newer version saying something new) still shows. Only the standard
-library is imported here, so the filters can be in place before anything else loads.
+and the benchmark's worker processes); importing the package changes no filter. Each entry was seen in the
+output of ``anomalib-contnet demo --tiny`` or ``benchmark`` with anomalib 2.7, timm 1.0, Lightning 2.6 and
+torch 2.14. A message that differs in any word (a newer version saying something new) still shows. Only the
+standard library is imported here, so the filters can be in place before anything else loads.
 """
 
 from __future__ import annotations
