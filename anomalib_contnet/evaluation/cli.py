@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--few-shot",
         type=_counts,
-        default=[],
+        default=None,
         help="training image counts (0 = all), e.g. 1,2,4,8: fit every configuration on N images drawn with "
         "each of --seeds, score one test set, write few_shot.md and few_shot.png",
     )
@@ -81,7 +81,7 @@ def _command(args: argparse.Namespace) -> str:
     words = ["anomalib-contnet", "benchmark"]
     for name, value in vars(args).items():
         skipped = {"group", "handler", "job_timeout", "keep_checkpoints", "max_train" if args.few_shot else "seeds"}
-        if name in skipped or value is None or value is False or value == []:  # 0 is a value: --max-train 0
+        if name in skipped or value is None or value is False:  # (0 == False, but --max-train 0 is a value)
             continue
         option = "--" + name.replace("_", "-")
         as_text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
