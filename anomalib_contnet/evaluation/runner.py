@@ -104,12 +104,12 @@ def run_benchmark(args: argparse.Namespace, command: str) -> pd.DataFrame:
         if config.family == "patchcore":
             init_args["coreset_sampling_ratio"] = args.coreset_ratio
         job_id = f"{subset.category}__{config.name}{suffix}"
-        data = {"dataset_root": str(subset.root.resolve()), "category": subset.category}
         spec = JobSpec(
             job_id,
             config.family,
             init_args,
-            **data,
+            dataset_root=str(subset.root.resolve()),
+            category=subset.category,
             pixel_labels=subset.pixel_labels,
             work_dir=str((args.out / "jobs" / job_id).resolve()),
             image_size=args.image_size,
@@ -127,9 +127,8 @@ def run_benchmark(args: argparse.Namespace, command: str) -> pd.DataFrame:
             if result["status"] != "ok":
                 log(f"   FAILED: {result['status']}")
         rows.append(_row(spec, config, job_weights.label, subset) | result)
-        table = _write_tables(
-            rows, args.out, header, means=not args.few_shot
-        )  # after every job: a partial table survives
+        # After every job, so that a stopped run leaves the table of what it finished.
+        table = _write_tables(rows, args.out, header, means=not args.few_shot)
     if args.few_shot:
         _write_few_shot(table, args.out, header)
         log(f"wrote {args.out / 'few_shot.md'} and {args.out / 'few_shot.png'}")
@@ -224,7 +223,7 @@ def _row(spec: JobSpec, config: ModelConfig, weights_label: str, subset: Categor
 def _write_tables(rows: list[dict[str, Any]], out: Path, header: list[str], means: bool) -> pd.DataFrame:
     """``benchmark.csv`` and ``benchmark.md`` of ``rows`` and (unless few-shot) their means over categories.
 
-    A mean is given only where every AUROC_COLUMNS row has the value (a failed job makes it n/a, never a mean of
+    A mean is given only where every averaged row has the value (a failed job makes it n/a, never a mean of
     the rest); textures / objects rows appear when the run has such categories, "all" for two or more.
     """
     jobs = pd.DataFrame(rows).reindex(columns=list(COLUMNS))
