@@ -4,7 +4,7 @@ Each command group lives next to the code it drives and contributes its
 sub-parser through a ``register(subparsers)`` function. This module imports a
 group's module only when that group is on the command line, so ``--help`` and
 the ``weights`` commands load neither anomalib nor the model; the top-level help
-lists the groups from :data:`COMMAND_GROUPS`. A new group is one entry there.
+lists the groups from :data:`COMMAND_GROUPS`.
 """
 
 from __future__ import annotations
@@ -13,37 +13,22 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 __all__ = ["main", "needs_model"]
 
 
-@dataclass(frozen=True)
-class CommandGroup:
-    """Where a command group's ``register(subparsers)`` lives, its line in the top-level help, what it loads."""
-
-    module: str
-    summary: str
-    needs_model: bool
-    """True when the group uses anomalib or the model, so the package must be fully imported (registered) first."""
-
-
-COMMAND_GROUPS: dict[str, CommandGroup] = {
-    "weights": CommandGroup(
-        "anomalib_contnet.backbones.weights_cli", "list, download and import ConTNet ImageNet checkpoints", False
-    ),
-    "data": CommandGroup("anomalib_contnet.data.cli", "prepare offline datasets in MVTec AD layout", True),
-    "benchmark": CommandGroup(
+COMMAND_GROUPS: dict[str, tuple[str, str]] = {
+    "weights": ("anomalib_contnet.backbones.weights_cli", "list, download and import ConTNet ImageNet checkpoints"),
+    "data": ("anomalib_contnet.data.cli", "prepare offline datasets in MVTec AD layout"),
+    "benchmark": (
         "anomalib_contnet.evaluation.cli",
         "ConTNetPaDiM vs anomalib Padim/Patchcore/MHPatchcore on the same data: CSV + markdown table",
-        True,
     ),
-    "demo": CommandGroup(
-        "anomalib_contnet.demo.cli",
-        "offline end-to-end demo: data, training, test, OpenVINO export, report with figures",
-        True,
-    ),
+    "demo": ("anomalib_contnet.demo.cli", "offline end-to-end demo: data, training, test, OpenVINO export, report"),
 }
+"""Each group's module (with ``register(subparsers)``) and its line in the top-level help."""
+WITHOUT_MODEL = {"weights"}
+"""Groups that use neither anomalib nor the model, so the package need not be imported (registered) for them."""
 
 
 def _requested_group(argv: Sequence[str]) -> str | None:
@@ -53,9 +38,8 @@ def _requested_group(argv: Sequence[str]) -> str | None:
 
 
 def needs_model(argv: Sequence[str]) -> bool:
-    """Whether the command in ``argv`` needs anomalib and the registered model (see :class:`CommandGroup`)."""
-    group = _requested_group(argv)
-    return group is not None and COMMAND_GROUPS[group].needs_model
+    """Whether the command in ``argv`` needs anomalib and the registered model."""
+    return _requested_group(argv) not in {None, *WITHOUT_MODEL}
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -66,11 +50,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     groups = parser.add_subparsers(dest="group", required=True, metavar="{" + ",".join(COMMAND_GROUPS) + "}")
     requested = _requested_group(argv)
-    for name, group in COMMAND_GROUPS.items():
+    for name, (module, summary) in COMMAND_GROUPS.items():
         if name == requested:
-            importlib.import_module(group.module).register(groups)
+            importlib.import_module(module).register(groups)
         else:
-            groups.add_parser(name, help=group.summary)
+            groups.add_parser(name, help=summary)
     return parser
 
 

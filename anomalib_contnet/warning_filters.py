@@ -1,10 +1,10 @@
 """Silence the third-party messages that users of this package cannot act on, each matched by its exact text.
 
-Only the package's own entry points install these filters (the ``anomalib-contnet`` command, and so the demo,
-and the benchmark's worker processes); importing the package changes no filter. Each entry below was seen in the
-output of ``anomalib-contnet demo --tiny``, ``anomalib-contnet`` commands or ``anomalib predict`` with anomalib 2.7,
-timm 1.0, Lightning 2.6 and torch 2.14. A message that differs in any word (a newer version saying something new)
-still shows. Only the standard library is imported here, so the filters can be in place before anything else loads.
+Only the package's own entry points install these filters (the ``anomalib-contnet`` command, so the demo,
+and the benchmark's worker processes); importing the package changes no filter. Each entry was seen in the
+output of ``anomalib-contnet demo --tiny`` or ``benchmark`` with anomalib 2.7, timm 1.0, Lightning 2.6 and
+torch 2.14. A message that differs in any word (a newer version saying something new) still shows. Only the
+standard library is imported here, so the filters can be in place before anything else loads.
 """
 
 from __future__ import annotations
@@ -12,60 +12,32 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from dataclasses import dataclass
 
 __all__ = ["KNOWN_WARNINGS", "LIGHTNING_TIPS", "RANK_ZERO_LOGGERS", "install_warning_filters"]
 
-
-@dataclass(frozen=True)
-class KnownWarning:
-    """One warning by its whole text; ``<n>`` stands for a number that varies between runs."""
-
-    text: str
-    category: type[Warning]
-    reason: str
-
-    def pattern(self) -> str:
-        """The regular expression that matches exactly this text, from its start to its end."""
-        return re.escape(self.text).replace("<n>", r"\d+") + r"\Z"
-
-
-KNOWN_WARNINGS: tuple[KnownWarning, ...] = (
-    KnownWarning(
-        "Importing from timm.models.layers is deprecated, please import via timm.layers",
-        FutureWarning,
-        "anomalib 2.7 imports the old timm path when anomalib.models loads",
+KNOWN_WARNINGS: dict[str, type[Warning]] = {
+    # anomalib 2.7 imports the old timm path when anomalib.models loads.
+    "Importing from timm.models.layers is deprecated, please import via timm.layers": FutureWarning,
+    # anomalib's own Dinomaly model imports it when anomalib.models loads.
+    "The anomalib.models.components.dinov2 package is deprecated and will be removed in a future release. "
+    "Please use the timm-based feature extractor instead: "
+    "anomalib.models.components.feature_extractors.TimmFeatureExtractor": FutureWarning,
+    # Lightning 2.6 uses a torch 2.14 class that torch has deprecated, on every batch it moves.
+    "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` "
+    "instead.": FutureWarning,
+    # ConTNetPaDiM is fitted without gradients, like anomalib's Padim: there is nothing to optimise.
+    "`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer": UserWarning,
+    # The frozen backbone stays in eval mode on purpose (<n>: a number that varies).
+    "Found <n> module(s) in eval mode at the start of training. This may lead to unexpected behavior during "
+    "training. If this is intentional, you can ignore this warning.": UserWarning,
+    # The benchmark fits on the training images alone; it scores the test images itself, on raw scores.
+    "You defined a `validation_step` but have no `val_dataloader`. Skipping val loop.": UserWarning,
+    # anomalib's predict builds its DataLoader with pin_memory=True, also on CPU-only machines.
+    "'pin_memory' argument is set as true but no accelerator is found, then device pinned memory won't be used": (
+        UserWarning
     ),
-    KnownWarning(
-        "The anomalib.models.components.dinov2 package is deprecated and will be removed in a future release. "
-        "Please use the timm-based feature extractor instead: "
-        "anomalib.models.components.feature_extractors.TimmFeatureExtractor",
-        FutureWarning,
-        "anomalib's own Dinomaly model imports it when anomalib.models loads",
-    ),
-    KnownWarning(
-        "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` "
-        "instead.",
-        FutureWarning,
-        "Lightning 2.6 uses a torch 2.14 class that torch has deprecated, on every batch it moves",
-    ),
-    KnownWarning(
-        "`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer",
-        UserWarning,
-        "ConTNetPaDiM is fitted without gradients, like anomalib's Padim: there is nothing to optimise",
-    ),
-    KnownWarning(
-        "Found <n> module(s) in eval mode at the start of training. This may lead to unexpected behavior during "
-        "training. If this is intentional, you can ignore this warning.",
-        UserWarning,
-        "the frozen backbone stays in eval mode on purpose",
-    ),
-    KnownWarning(
-        "'pin_memory' argument is set as true but no accelerator is found, then device pinned memory won't be used",
-        UserWarning,
-        "anomalib's predict builds its DataLoader with pin_memory=True, also on CPU-only machines",
-    ),
-)
+}
+"""Warnings by their whole text; ``<n>`` stands for a number."""
 
 LIGHTNING_TIPS = frozenset(
     {
@@ -90,27 +62,19 @@ RANK_ZERO_LOGGERS = (
     "lightning_fabric.utilities.rank_zero",
     "pytorch_lightning.utilities.rank_zero",
 )
-"""Lightning logs the tips through ``lightning_utilities``' rank-zero logger, which each of these modules replaces
-with its own when imported: which one is active depends on import order (the demo ends up on
-``lightning_fabric``'s, a plain ``import lightning.pytorch`` on ``lightning.pytorch``'s)."""
+"""Lightning logs through ``lightning_utilities``' rank-zero logger, which each of these modules replaces with
+its own when imported: which one is active depends on import order."""
 
 
-class _DropExactMessages(logging.Filter):
-    """A logger filter that drops records whose formatted message is one of ``messages``."""
-
-    def __init__(self, messages: frozenset[str]) -> None:
-        super().__init__()
-        self.messages = messages
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() not in self.messages
+def _drop_lightning_tips(record: logging.LogRecord) -> bool:
+    return record.getMessage() not in LIGHTNING_TIPS
 
 
 def install_warning_filters() -> None:
     """Ignore :data:`KNOWN_WARNINGS` and drop :data:`LIGHTNING_TIPS` (idempotent)."""
-    for known in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=known.pattern(), category=known.category)
+    for text, category in KNOWN_WARNINGS.items():
+        warnings.filterwarnings("ignore", re.escape(text).replace("<n>", r"\d+") + r"\Z", category)
     for logger_name in RANK_ZERO_LOGGERS:
         logger = logging.getLogger(logger_name)
-        if not any(isinstance(existing, _DropExactMessages) for existing in logger.filters):
-            logger.addFilter(_DropExactMessages(LIGHTNING_TIPS))
+        if _drop_lightning_tips not in logger.filters:
+            logger.addFilter(_drop_lightning_tips)

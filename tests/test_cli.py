@@ -167,7 +167,7 @@ def test_known_warnings_are_the_ones_anomalib_prints_when_it_loads() -> None:
     )
     seen = {tuple(line.split("|", 1)) for line in result.stdout.splitlines()}
     future = {message for category, message in seen if category == "FutureWarning"}
-    known = {known.text for known in KNOWN_WARNINGS if known.category is FutureWarning}
+    known = {text for text, category in KNOWN_WARNINGS.items() if category is FutureWarning}
     assert future, "anomalib no longer prints FutureWarnings on import: check the list in warning_filters"
     assert future <= known
 
@@ -188,11 +188,11 @@ def test_filters_match_the_exact_text_and_nothing_broader() -> None:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         install_warning_filters()
-        for known in KNOWN_WARNINGS:
-            text = known.text.replace("<n>", "266")
-            warnings.warn(text, known.category, stacklevel=1)
-            warnings.warn(text + " Something new.", known.category, stacklevel=1)
-            warnings.warn("Note: " + text, known.category, stacklevel=1)
+        for known, category in KNOWN_WARNINGS.items():
+            text = known.replace("<n>", "266")
+            warnings.warn(text, category, stacklevel=1)
+            warnings.warn(text + " Something new.", category, stacklevel=1)
+            warnings.warn("Note: " + text, category, stacklevel=1)
     assert len(seen) == 2 * len(KNOWN_WARNINGS)
     assert all(
         str(warning.message).startswith("Note: ") or "Something new." in str(warning.message) for warning in seen

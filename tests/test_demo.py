@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from anomalib_contnet.cli import main
-from anomalib_contnet.demo.pipeline import TINY_SIZES
+from anomalib_contnet.demo.cli import TINY_SIZES
 from anomalib_contnet.evaluation.configs import OFFLINE_EFFICIENTNET_LABEL
 
 
@@ -55,7 +55,7 @@ def test_tiny_demo_writes_report_figures_and_an_openvino_model(
     grid = png(out / "predictions.png")
     roc = png(out / "roc.png")
     assert grid.shape[1] >= 800  # four columns
-    assert grid.shape[0] >= 200 * TINY_SIZES["n_samples"]  # one row per sample
+    assert grid.shape[0] >= 200 * TINY_SIZES["samples"]  # one row per sample
     assert roc.shape[0] >= 300
     assert roc.shape[1] >= 2 * roc.shape[0] * 0.9  # image-level and pixel-level panels side by side
     assert grid.std() > 10
@@ -65,7 +65,7 @@ def test_tiny_demo_writes_report_figures_and_an_openvino_model(
     for name in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= metrics["raw"][name] <= 1.0
     assert metrics["raw"]["image_auroc"] == 1.0  # obvious stains under real ImageNet features
-    assert len(metrics["samples"]) == TINY_SIZES["n_samples"]
+    assert len(metrics["samples"]) == TINY_SIZES["samples"]
     assert any(sample["image"].startswith("test/good/") for sample in metrics["samples"])
     assert any(not sample["image"].startswith("test/good/") for sample in metrics["samples"])
     for sample in metrics["samples"]:

@@ -20,8 +20,6 @@ from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, WeightsError, c
 __all__ = [
     "DEFAULT_CONFIG_NAMES",
     "MODEL_CONFIGS",
-    "OFFLINE_EFFICIENTNET_LABEL",
-    "RANDOM_INIT_LABEL",
     "JobWeights",
     "ModelConfig",
     "find_contnet_weights",
@@ -39,8 +37,6 @@ TIMM_HUB_LABEL = "ImageNet (timm, Hugging Face Hub)"
 class ModelConfig:
     """One row group of the benchmark table: a model family with a backbone and its settings."""
 
-    name: str
-    """Identifier used on the command line (``--configs``) and in job folder names."""
     family: Family
     backbone: str
     layers: tuple[str, ...]
@@ -48,54 +44,43 @@ class ModelConfig:
     """Further constructor arguments (``n_features`` for Padim-style models)."""
 
     @property
-    def display_model(self) -> str:
-        """The model's class name as users know it."""
-        names = {
-            "contnet_padim": "ConTNetPaDiM",
-            "padim": "Padim",
-            "patchcore": "Patchcore",
-            "mhpatchcore": "MHPatchcore",
-        }
-        return names[self.family]
+    def name(self) -> str:
+        """Identifier used on the command line (``--configs``) and in job folder names."""
+        return f"{self.family}_{self.backbone}"
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     config.name: config
     for config in (
         # The paper's model: ConTNet-B stages 3 and 4 (both stride 32: a 7x7 grid at 224 px), all 1536 channels.
-        ModelConfig("contnet_padim_contnet_b", "contnet_padim", "contnet_b", ("layer3", "layer4")),
+        ModelConfig("contnet_padim", "contnet_b", ("layer3", "layer4")),
         # The smallest ConTNet with the same stages: smoke runs and tests (not run unless named in --configs).
-        ModelConfig("contnet_padim_contnet_ti", "contnet_padim", "contnet_ti", ("layer3", "layer4")),
+        ModelConfig("contnet_padim", "contnet_ti", ("layer3", "layer4")),
         # Same Gaussian pipeline on a real ImageNet CNN that works offline: its two deepest feature stages
         # (stride 16 and 32, 112 + 320 channels) stand in for ConTNet's layer3/layer4.
-        ModelConfig(
-            "contnet_padim_efficientnet_lite0", "contnet_padim", "efficientnet_lite0", ("blocks.4", "blocks.6")
-        ),
+        ModelConfig("contnet_padim", "efficientnet_lite0", ("blocks.4", "blocks.6")),
         # anomalib's Padim with its own defaults (layer1-3; n_features 100 for resnet18, 550 for wide_resnet50_2).
-        ModelConfig("padim_resnet18", "padim", "resnet18", ("layer1", "layer2", "layer3"), {"n_features": 100}),
-        ModelConfig(
-            "padim_wide_resnet50_2", "padim", "wide_resnet50_2", ("layer1", "layer2", "layer3"), {"n_features": 550}
-        ),
+        ModelConfig("padim", "resnet18", ("layer1", "layer2", "layer3"), {"n_features": 100}),
+        ModelConfig("padim", "wide_resnet50_2", ("layer1", "layer2", "layer3"), {"n_features": 550}),
         # anomalib has no default layers/n_features for EfficientNet: strides 4, 8, 16 (24 + 40 + 112 channels).
         ModelConfig(
-            "padim_efficientnet_lite0",
             "padim",
             "efficientnet_lite0",
             ("blocks.1", "blocks.2", "blocks.4"),
             {"n_features": 100},
         ),
-        ModelConfig("patchcore_wide_resnet50_2", "patchcore", "wide_resnet50_2", ("layer2", "layer3")),
+        ModelConfig("patchcore", "wide_resnet50_2", ("layer2", "layer3")),
         # anomalib's own Padim and Patchcore on ConTNet-B through timm (the stock CLI's --model.backbone contnet_b):
         # Padim on stages 1-3 (strides 8, 16, 32: a 28x28 grid at 224 px) like its ResNet default, and
         # Patchcore on stages 2-3 (strides 16, 32; 256 + 512 channels), its mid-level default.
-        ModelConfig("padim_contnet_b", "padim", "contnet_b", ("layer1", "layer2", "layer3"), {"n_features": 100}),
-        ModelConfig("patchcore_contnet_b", "patchcore", "contnet_b", ("layer2", "layer3")),
+        ModelConfig("padim", "contnet_b", ("layer1", "layer2", "layer3"), {"n_features": 100}),
+        ModelConfig("patchcore", "contnet_b", ("layer2", "layer3")),
         # Patchcore's mid-level features (strides 8 and 16), like layer2/layer3 of a ResNet.
-        ModelConfig("patchcore_efficientnet_lite0", "patchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
+        ModelConfig("patchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
         # anomalib 2.7's MHPatchcore (PCA, shrinkage covariance, whitened coreset) on Patchcore's layers; its own
         # default, wide_resnet50_2.tv2_in1k, has no offline weights.
-        ModelConfig("mhpatchcore_efficientnet_lite0", "mhpatchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
-        ModelConfig("mhpatchcore_contnet_b", "mhpatchcore", "contnet_b", ("layer2", "layer3")),
+        ModelConfig("mhpatchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
+        ModelConfig("mhpatchcore", "contnet_b", ("layer2", "layer3")),
     )
 }
 """Every configuration the benchmark knows, by name."""
@@ -109,9 +94,7 @@ class JobWeights:
     """How one configuration's backbone gets its weights in a job."""
 
     label: str
-    """The ``weights`` column of the table."""
     init_args: dict[str, Any]
-    """``pre_trained`` / ``weights`` constructor arguments."""
     environment: dict[str, str] = field(default_factory=dict)
     """Variables set for this job's process only: how ConTNet weights reach a model without a ``weights`` argument."""
     backbone_file: str | None = None
@@ -151,9 +134,6 @@ def resolve_job_weights(config: ModelConfig, offline_efficientnet: Path | None, 
       features unless ``allow_download``.
     """
     if config.backbone == "efficientnet_lite0":
-        if offline_efficientnet is None:
-            msg = "internal error: efficientnet_lite0 configurations need the converted weights file"
-            raise ValueError(msg)
         if config.family == "contnet_padim":
             return JobWeights(OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": True, "weights": str(offline_efficientnet)})
         return JobWeights(OFFLINE_EFFICIENTNET_LABEL, {"pre_trained": False}, backbone_file=str(offline_efficientnet))

@@ -7,18 +7,13 @@ They belong to ConTNet-B with ImageNet weights, ``layer3`` + ``layer4``, 224x224
 
 from __future__ import annotations
 
-from typing import Literal
-
 __all__ = [
     "MVTEC_AD",
     "MVTEC_AD_OBJECTS",
     "MVTEC_AD_TEXTURES",
     "PAPER_AUROC_PERCENT",
-    "category_kind",
     "expand_categories",
 ]
-
-CategoryKind = Literal["texture", "object", "other"]
 
 MVTEC_AD_TEXTURES: tuple[str, ...] = ("carpet", "grid", "leather", "tile", "wood")
 MVTEC_AD_OBJECTS: tuple[str, ...] = (
@@ -55,15 +50,6 @@ PAPER_AUROC_PERCENT: dict[str, tuple[float, float]] = {
     "wood": (99.1, 92.9),
 }
 """Averages printed in the paper: image 97.2 objects / 99.4 textures / 97.9 all; pixel 96.9 / 96.1 / 96.6."""
-
-
-def category_kind(category: str) -> CategoryKind:
-    """MVTec AD's split into textures and objects (the paper's averages); ``other`` for any other folder."""
-    if category in MVTEC_AD_TEXTURES:
-        return "texture"
-    if category in MVTEC_AD_OBJECTS:
-        return "object"
-    return "other"
 
 
 def expand_categories(names: list[str]) -> list[str]:

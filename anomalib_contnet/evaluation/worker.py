@@ -1,27 +1,33 @@
 """The one fit-and-score path of the benchmark and the demo; a benchmark job runs it in a process of its own.
 
 ``python -m anomalib_contnet.evaluation.worker SPEC RESULT``: a process per job makes peak memory
-that job's alone (``VmHWM`` of this process; ``getrusage`` in the parent would report the larger of
-parent and child, since Linux carries the parent's peak across fork and exec), gives each job its own
-environment (``ANOMALIB_CONTNET_WEIGHTS`` for anomalib's models on ConTNet) and lets a job that runs
-out of memory fail alone. The result is a JSON file with ``status`` ``"ok"`` or ``"failed"`` and the reason.
+that job's alone (``VmHWM``; ``getrusage`` in the parent would report the larger of parent and child),
+gives each job its own environment (``ANOMALIB_CONTNET_WEIGHTS`` for anomalib's models on ConTNet)
+and lets a job that runs out of memory fail alone. The result is a JSON file: the metrics, or the error.
+
+Metrics are computed on the raw scores with scikit-learn, not with anomalib's ``AUROC``: that is
+torchmetrics' ``BinaryROC``, which applies a sigmoid to any score outside [0, 1]. Raw Mahalanobis or
+nearest-neighbour distances are mostly above ~17, where the float32 sigmoid is exactly 1.0, so most
+scores tie and the area collapses towards 0.5 (scores ``[20, 25, 30, 18, 22, 40]`` with labels
+``[0, 0, 1, 0, 1, 1]`` give 0.5 instead of 0.889). AUPRO is anomalib's, which sorts raw scores as they are.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from anomalib_contnet.atomic_files import write_text_atomically
 from anomalib_contnet.warning_filters import install_warning_filters
 
-__all__ = ["JobResult", "JobSpec", "fit", "main", "score"]
+__all__ = ["JobSpec", "auroc", "build_model", "fit", "main", "run_job", "score"]
 
 
 @dataclass(frozen=True)
@@ -42,34 +48,16 @@ class JobSpec:
     """Weights loaded strictly into an anomalib model's timm feature extractor after it is built."""
     post_processing: bool = False
     """Keep anomalib's post-processor (the demo's export needs its thresholds); metrics stay on raw scores."""
-    batch_size: int = 8
     keep_checkpoint: bool = False
 
 
-@dataclass
-class JobResult:
-    """What a job measured; ``None`` where a value does not apply (pixel metrics without masks) or failed."""
-
-    status: str = "failed"
-    error: str | None = None
-    image_auroc: float | None = None
-    pixel_auroc: float | None = None
-    aupro: float | None = None
-    fit_s: float | None = None
-    predict_images_per_s: float | None = None
-    peak_rss_bytes: int | None = None
-    checkpoint_bytes: int | None = None
-
-
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process since exec (``VmHWM``); ``ru_maxrss`` where /proc is missing."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    maximum = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maximum if sys.platform == "darwin" else maximum * 1024  # macOS reports bytes, Linux kibibytes
+    """Peak resident memory of this process since exec (Linux ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    msg = "/proc/self/status has no VmHWM line"
+    raise RuntimeError(msg)
 
 
 def build_model(spec: JobSpec) -> Any:  # an AnomalibModule; typed loosely to keep anomalib out of module import
@@ -100,18 +88,12 @@ def fit(spec: JobSpec) -> tuple[Any, Any, Any]:
     from anomalib.engine import Engine  # noqa: PLC0415
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
-    seed_everything(spec.seed, workers=True)  # random initialisation, channel subsets and coreset start
+    seed_everything(spec.seed, workers=True, verbose=False)  # random initialisation, channel subsets, coreset start
     model = build_model(spec)
-    datamodule = MVTecAD(
-        root=spec.dataset_root,
-        category=spec.category,
-        train_batch_size=spec.batch_size,
-        eval_batch_size=spec.batch_size,
-        num_workers=0,
-    )
+    batch = {"train_batch_size": 8, "eval_batch_size": 8}
+    datamodule = MVTecAD(root=spec.dataset_root, category=spec.category, num_workers=0, **batch)
     datamodule.setup()
-    # save_top_k=0 stands in for the Engine's checkpoint callback, whose file would land in a versioned run
-    # folder: the caller writes the one checkpoint itself.
+    # save_top_k=0 stands in for the Engine's own checkpoint callback: the caller writes the one checkpoint itself.
     work_dir = Path(spec.work_dir) / "engine"
     engine = Engine(
         default_root_dir=work_dir,
@@ -127,58 +109,84 @@ def fit(spec: JobSpec) -> tuple[Any, Any, Any]:
     return model, engine, datamodule
 
 
-def score(model: Any, datamodule: Any, pixel_labels: bool) -> tuple[Any, dict[str, float | None]]:
-    """Raw scores of the test split and their image AUROC, pixel AUROC and AUPRO (see :mod:`.metrics`)."""
-    from anomalib_contnet.evaluation.metrics import localisation_aupro, raw_test_scores, roc_curve  # noqa: PLC0415
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC of raw ``scores`` (higher = more anomalous), ties as one threshold, in float64.
 
+    Raises:
+        ValueError: for one class only (scikit-learn only warns) or NaN scores.
+    """
+    from sklearn.metrics import roc_auc_score  # noqa: PLC0415
+
+    labels = labels.reshape(-1).bool()
+    if labels.all() or not labels.any():
+        msg = f"the ROC needs normal and anomalous samples; got {int(labels.sum())} anomalous of {len(labels)}"
+        raise ValueError(msg)
+    return float(roc_auc_score(labels.numpy(), scores.reshape(-1).double().numpy()))
+
+
+@torch.no_grad()
+def score(model: Any, datamodule: Any, pixel_labels: bool) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
+    """Raw test scores straight from the torch model (before any post-processor) and their metrics.
+
+    Images and masks go through the module's own pre-processor, as in its Lightning test step.
+    """
+    from anomalib.data import ImageBatch  # noqa: PLC0415
+    from anomalib.metrics import AUPRO  # noqa: PLC0415
+
+    model.eval()
     started = time.perf_counter()
-    scores = raw_test_scores(model, datamodule.test_dataloader())
+    parts: dict[str, list[torch.Tensor]] = {"image_scores": [], "image_labels": [], "anomaly_maps": [], "masks": []}
+    for batch in datamodule.test_dataloader():
+        images, truth = model.pre_processor.transform(batch.image, batch.gt_mask)
+        output = model.model(images)
+        parts["anomaly_maps"].append(output.anomaly_map.reshape(len(images), *output.anomaly_map.shape[-2:]).float())
+        parts["image_scores"].append(output.pred_score.reshape(-1).float())
+        parts["image_labels"].append(batch.gt_label.reshape(-1).bool())
+        parts["masks"].append(truth.reshape(parts["anomaly_maps"][-1].shape).bool())
+    raw = {name: torch.cat(values) for name, values in parts.items()}
     metrics: dict[str, float | None] = {
-        "predict_images_per_s": scores.image_scores.numel() / (time.perf_counter() - started),
-        "image_auroc": roc_curve(scores.image_scores, scores.image_labels).auc,
+        "predict_images_per_s": len(raw["image_scores"]) / (time.perf_counter() - started),
+        "image_auroc": auroc(raw["image_scores"], raw["image_labels"]),
         "pixel_auroc": None,
         "aupro": None,
     }
     if pixel_labels:
-        metrics["pixel_auroc"] = roc_curve(scores.anomaly_maps, scores.masks).auc
-        metrics["aupro"] = localisation_aupro(scores.anomaly_maps, scores.masks)
-    return scores, metrics
+        metrics["pixel_auroc"] = auroc(raw["anomaly_maps"], raw["masks"])
+        aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)  # MVTec AD's convention
+        placeholder_images = torch.zeros(len(raw["masks"]), 3, 1, 1)  # AUPRO reads only the maps and masks
+        aupro.update(ImageBatch(image=placeholder_images, anomaly_map=raw["anomaly_maps"], gt_mask=raw["masks"]))
+        metrics["aupro"] = float(aupro.compute())
+    return raw, metrics
 
 
-def run_job(spec: JobSpec) -> JobResult:
-    """Fit, checkpoint, predict and score one model on one category; never raises for job failures."""
-    result = JobResult()
+def run_job(spec: JobSpec) -> dict[str, Any]:
+    """Fit, checkpoint, predict and score one model on one category; a failure becomes ``status`` with its reason."""
+    result: dict[str, Any] = {"status": "failed"}
     try:
         started = time.perf_counter()
         model, engine, datamodule = fit(spec)
-        result.fit_s = time.perf_counter() - started
+        result["fit_s"] = time.perf_counter() - started
         checkpoint = Path(spec.work_dir) / "model.ckpt"
         engine.trainer.save_checkpoint(checkpoint, weights_only=False)  # all of it, said explicitly
-        result.checkpoint_bytes = checkpoint.stat().st_size
+        result["checkpoint_mb"] = checkpoint.stat().st_size / 2**20
         if not spec.keep_checkpoint:
             checkpoint.unlink()
-        _, metrics = score(model, datamodule, spec.pixel_labels)
-        for name, value in metrics.items():
-            setattr(result, name, value)
-        result.status = "ok"
+        result |= score(model, datamodule, spec.pixel_labels)[1]
+        result["status"] = "ok"
     except Exception as error:  # noqa: BLE001  (any failure becomes a table row, with its reason)
-        result.error = f"{type(error).__name__}: {error}"
+        result["status"] = f"failed: {type(error).__name__}: {error}"
         traceback.print_exc()
-    result.peak_rss_bytes = peak_rss_bytes()
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Read the spec, run the job, write the result; exit 0 when the job succeeded."""
-    arguments = sys.argv[1:] if argv is None else argv
-    if len(arguments) != 2:
-        print("usage: python -m anomalib_contnet.evaluation.worker SPEC.json RESULT.json", file=sys.stderr)
-        return 2
+    """Read the spec, run the job, write the result with this process's peak memory; exit 0 when it succeeded."""
+    spec_path, result_path = sys.argv[1:] if argv is None else argv
     install_warning_filters()
-    spec = JobSpec(**json.loads(Path(arguments[0]).read_text(encoding="utf-8")))
-    result = run_job(spec)
-    write_text_atomically(Path(arguments[1]), json.dumps(asdict(result), indent=1) + "\n")
-    return 0 if result.status == "ok" else 1
+    result = run_job(JobSpec(**json.loads(Path(spec_path).read_text(encoding="utf-8"))))
+    result["peak_rss_mb"] = peak_rss_bytes() / 2**20
+    write_text_atomically(Path(result_path), json.dumps(result, indent=1) + "\n")
+    return 0 if result["status"] == "ok" else 1
 
 
 if __name__ == "__main__":
