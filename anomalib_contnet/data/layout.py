@@ -19,7 +19,7 @@ from typing import Any
 
 from anomalib_contnet.atomic_files import staged_folder
 
-__all__ = ["MANIFEST_NAME", "DatasetPrepareError", "category_folder", "check_replaceable", "image_counts"]
+__all__ = ["MANIFEST_NAME", "DatasetPrepareError", "category_folder", "image_counts"]
 
 MANIFEST_NAME = ".anomalib_contnet_dataset.json"
 """The marker file in every category folder this tool writes: generator, ``description`` (settings), file names."""
@@ -30,7 +30,7 @@ class DatasetPrepareError(RuntimeError):
     """A dataset cannot be prepared as asked; the message says what to change."""
 
 
-def check_replaceable(target: Path) -> None:
+def _check_replaceable(target: Path) -> None:
     """Refuse ``target`` unless it is absent, holds no file, or was written by this tool with no file added since."""
     on_disk = {path.relative_to(target).as_posix() for path in target.rglob("*") if path.is_file()}
     if not on_disk:
@@ -62,13 +62,13 @@ def category_folder(target: Path, description: dict[str, Any]) -> Iterator[Path]
     ``target`` is checked before anything is written (a refusal is instant) and again right
     before the rename (so files added to it in between are not lost).
     """
-    check_replaceable(target)
+    _check_replaceable(target)
     with staged_folder(target) as staging:
         yield staging
         files = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
         marker = {"generator": GENERATOR, "description": description, "files": files}
         (staging / MANIFEST_NAME).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        check_replaceable(target)
+        _check_replaceable(target)
 
 
 def image_counts(category: Path) -> dict[str, int]:
