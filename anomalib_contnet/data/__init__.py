@@ -2,10 +2,9 @@
 
 from anomalib_contnet.data.elpv import ELPV_CATEGORIES, prepare_elpv
 from anomalib_contnet.data.layout import MANIFEST_NAME, DatasetPrepareError
-from anomalib_contnet.data.textures import DEFECT_TYPES, TEXTURE_CATEGORIES, make_tiny_mvtec, prepare_textures
+from anomalib_contnet.data.textures import TEXTURE_CATEGORIES, make_tiny_mvtec, prepare_textures
 
 __all__ = [
-    "DEFECT_TYPES",
     "ELPV_CATEGORIES",
     "MANIFEST_NAME",
     "TEXTURE_CATEGORIES",
