@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     elpv.add_argument("--max-per-split", type=int, help="keep at most N images per split (quick runs)")
     textures.add_argument("--image-size", type=int, default=256, help="side of the written images (default 256)")
     textures.add_argument(
-        "--crop-size", type=int, default=160, help="side of the photograph crop, <= 192 (default 160)"
+        "--crop-size", type=int, default=160, help="crop side in the photograph, <= 192 (default 160)"
     )
     textures.add_argument("--n-train", type=int, default=100, help="normal training images per category")
     textures.add_argument("--n-test-good", type=int, default=30, help="normal test images per category")
