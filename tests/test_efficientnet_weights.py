@@ -17,11 +17,10 @@ from anomalib_contnet.evaluation.configs import MODEL_CONFIGS
 from anomalib_contnet.evaluation.worker import JobSpec, build_model
 from anomalib_contnet.pretrained import (
     WeightConversionError,
-    convert_efficientnet_lite0,
     fold_tensorflow_conventions,
     offline_efficientnet_lite0,
+    rename_to_timm,
     source_weights_path,
-    timm_key,
 )
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -35,7 +34,7 @@ def source_state_dict() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def converted(source_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return convert_efficientnet_lite0(source_state_dict)
+    return fold_tensorflow_conventions(rename_to_timm(source_state_dict))
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +62,16 @@ def test_conversion_refuses_missing_extra_or_misshaped_tensors(source_state_dict
     missing = dict(source_state_dict)
     del missing["_blocks.7._project_conv.weight"]
     with pytest.raises(WeightConversionError, match=r"blocks\.3\.2\.conv_pwl\.weight"):
-        convert_efficientnet_lite0(missing)
+        rename_to_timm(missing)
     extra = dict(source_state_dict) | {"_blocks.3._extra_conv.weight": torch.zeros(1)}
     with pytest.raises(WeightConversionError, match="_extra_conv"):
-        convert_efficientnet_lite0(extra)
+        rename_to_timm(extra)
     beyond = dict(source_state_dict) | {"_blocks.16._expand_conv.weight": torch.zeros(1)}
     with pytest.raises(WeightConversionError, match="16 blocks"):
-        convert_efficientnet_lite0(beyond)
+        rename_to_timm(beyond)
     misshaped = dict(source_state_dict) | {"_fc.weight": torch.zeros(10, 1280)}
     with pytest.raises(WeightConversionError, match="size mismatch"):
-        convert_efficientnet_lite0(misshaped)
+        rename_to_timm(misshaped)
 
 
 def test_converted_weights_classify_real_photographs(converted: dict[str, torch.Tensor]) -> None:
@@ -86,18 +85,11 @@ def test_converted_weights_classify_real_photographs(converted: dict[str, torch.
     assert int(coffee.argmax()) in COFFEE_CLASSES
 
 
-def renamed_raw(source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The source tensors under timm's names, nothing folded."""
-    blocks = timm.create_model("efficientnet_lite0").blocks
-    positions = [(stage, index) for stage, stage_blocks in enumerate(blocks) for index in range(len(stage_blocks))]
-    return {timm_key(key, positions): value for key, value in source.items()}
-
-
 def test_folded_conventions_reproduce_the_tensorflow_model(
     source_state_dict: dict[str, torch.Tensor], converted: dict[str, torch.Tensor]
 ) -> None:
     """Raw weights in timm's TF-compatible twin (eps 1e-3, 'same' padding, mean=std=0.5) are the reference."""
-    raw = renamed_raw(source_state_dict)
+    raw = rename_to_timm(source_state_dict)
     reference = full_model(raw, "tf_efficientnet_lite0")
     assert reference.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
     folded_tf = full_model(fold_tensorflow_conventions(raw, target_batchnorm_eps=1e-3), "tf_efficientnet_lite0")
@@ -112,7 +104,7 @@ def test_folded_conventions_reproduce_the_tensorflow_model(
 
 
 def test_input_normalisation_fold_is_exact_inside_the_border(source_state_dict: dict[str, torch.Tensor]) -> None:
-    raw = renamed_raw(source_state_dict)
+    raw = rename_to_timm(source_state_dict)
     raw_stem = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(32, eps=1e-3))
     folded_stem = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(32, eps=1e-5))
     for stem, weights in ((raw_stem, raw), (folded_stem, fold_tensorflow_conventions(raw))):
