@@ -116,10 +116,7 @@ def export_all(model: ConTNetPaDiM, datamodule: MVTecAD, folder: Path, skip_int8
     compressions = {"FP32": None, "FP16": CompressionType.FP16}
     if not skip_int8:
         compressions |= {"INT8 weights": CompressionType.INT8}
-    paths = {
-        name: model.to_openvino(folder / name, compression_type=kind)
-        for name, kind in compressions.items()
-    }
+    paths = {name: model.to_openvino(folder / name, compression_type=kind) for name, kind in compressions.items()}
     if not skip_int8:
         # ConTNetPaDiM refuses INT8_PTQ; anomalib's own method shows what it would give.
         paths["INT8_PTQ"] = ExportMixin.to_openvino(

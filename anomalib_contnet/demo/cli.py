@@ -130,9 +130,7 @@ def run_demo(args: argparse.Namespace) -> None:
         print("[demo] exporting to OpenVINO and predicting sample images ...", flush=True)
         from anomalib.deploy import ExportType  # noqa: PLC0415
 
-        # verbose=False: torch.onnx's step-by-step progress lines say nothing a user could act on.
-        openvino = {"export_root": staging / "openvino", "onnx_kwargs": {"verbose": False}}
-        model_xml = engine.export(model, ExportType.OPENVINO, **openvino)
+        model_xml = engine.export(model, ExportType.OPENVINO, export_root=staging / "openvino")
         shutil.rmtree(staging / "engine", ignore_errors=True)  # only the Engine's empty run folders
         samples, ms_per_image = _predict_samples(model_xml, subset, args.samples, args.seed)
         render_prediction_grid(samples, staging / "predictions.png")

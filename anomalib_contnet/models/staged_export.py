@@ -26,12 +26,13 @@ from anomalib_contnet.atomic_files import replace_folder
 
 __all__ = ["AtomicExportMixin"]
 
-ONNX_OPSET = 18
-"""ONNX opset requested from ``torch.onnx.export``.
+ONNX_EXPORT_DEFAULTS = {"opset_version": 18, "verbose": False}
+"""What ``torch.onnx.export`` is asked for unless the caller says otherwise.
 
 torch's exporter implements opset 18 and newer only. anomalib asks for 14, so torch
 exports at 18 and then tries to convert down, which fails on ``Pad`` and keeps 18
-after logging a long traceback. Asking for 18 gives the same model without that noise.
+after logging a long traceback: asking for 18 gives the same model without that noise.
+``verbose=False`` leaves out its progress lines, which nobody can act on.
 """
 INT8_PTQ_REFUSAL = (
     "compression_type INT8_PTQ is refused for this model: 8-bit activations perturb the patch features, the "
@@ -64,7 +65,7 @@ class AtomicExportMixin(ExportMixin):
     """anomalib's ``to_torch`` / ``to_onnx`` / ``to_openvino``, each replacing an older export whole.
 
     ``Engine.export`` and the stock ``anomalib export`` command call these methods, so
-    both get staged exports. ONNX and OpenVINO exports ask for opset :data:`ONNX_OPSET`,
+    both get staged exports. ONNX and OpenVINO exports use :data:`ONNX_EXPORT_DEFAULTS`,
     and ``INT8_PTQ`` is refused (:data:`INT8_PTQ_REFUSAL`).
     """
 
@@ -82,7 +83,7 @@ class AtomicExportMixin(ExportMixin):
         **kwargs: Any,
     ) -> Path:
         """Export ``<export_root>/weights/onnx/<name>.onnx`` (with its external data file next to it)."""
-        kwargs.setdefault("opset_version", ONNX_OPSET)
+        kwargs = ONNX_EXPORT_DEFAULTS | kwargs
         with _staged(export_root, ExportType.ONNX) as staging:
             written = super().to_onnx(staging, model_file_name, input_size, **kwargs)
         return _published(export_root, ExportType.ONNX, written)
@@ -91,8 +92,7 @@ class AtomicExportMixin(ExportMixin):
         """Export ``<export_root>/weights/openvino/<name>.xml`` and ``.bin`` (options as anomalib's ``to_openvino``)."""
         if options.get("compression_type") == CompressionType.INT8_PTQ:
             raise ValueError(INT8_PTQ_REFUSAL)
-        onnx_kwargs = dict(options.pop("onnx_kwargs", None) or {})
-        onnx_kwargs.setdefault("opset_version", ONNX_OPSET)
+        onnx_kwargs = ONNX_EXPORT_DEFAULTS | dict(options.pop("onnx_kwargs", None) or {})
         with _staged(export_root, ExportType.OPENVINO) as staging:
             written = super().to_openvino(staging, model_file_name, onnx_kwargs=onnx_kwargs, **options)
         return _published(export_root, ExportType.OPENVINO, written)
