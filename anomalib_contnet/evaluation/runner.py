@@ -289,6 +289,8 @@ def _plot_few_shot(points: pd.DataFrame, target: Path) -> None:
             axes, label = grid[row][column], metric.replace("_auroc", " AUROC")
             for model, curve in points.loc[category].groupby(level="model"):
                 curve = curve.droplevel("model")[metric].dropna(subset=["mean"])
+                if curve.empty:  # an empty error bar would still count as data and hide the note below
+                    continue
                 axes.errorbar(
                     curve.index,
                     curve["mean"],
@@ -302,6 +304,7 @@ def _plot_few_shot(points: pd.DataFrame, target: Path) -> None:
                 axes.text(
                     0.5, 0.5, "no pixel labels" if row else "no run succeeded", ha="center", transform=axes.transAxes
                 )
+                axes.set_yticks([])
             axes.set_xscale("log", base=2)
             axes.set_xticks(counts, labels=[str(count) for count in counts])
             axes.set_ylabel(f"{label} (mean ± s.e.)")
