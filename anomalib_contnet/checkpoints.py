@@ -73,5 +73,8 @@ def non_finite_counts(state_dict: Mapping[str, torch.Tensor], prefix: str = "") 
     return {
         key: int((~torch.isfinite(value)).sum())
         for key, value in state_dict.items()
-        if key.startswith(prefix) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+        if key.startswith(prefix)
+        and torch.is_tensor(value)  # a damaged file may hold anything; loading then fails with its own error
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
     }

@@ -413,7 +413,6 @@ def test_deployed_model_equals_engine_predict_on_image_files(file_predictions, r
 def test_gaussian_is_stored_once_in_the_exports(trained_model, onnx_path, openvino_path, fp16_path) -> None:
     model_bytes = sum(tensor.nbytes for tensor in trained_model.model.state_dict().values())
     gaussian_bytes = sum(tensor.nbytes for tensor in trained_model.model.model.gaussian.state_dict().values())
-    assert gaussian_bytes > model_bytes / 2  # the Gaussian dominates, so a second copy could not hide
 
     def external_bytes(tensor: onnx.TensorProto) -> int:
         return int({entry.key: entry.value for entry in tensor.external_data}.get("length", 0))
@@ -426,7 +425,7 @@ def test_gaussian_is_stored_once_in_the_exports(trained_model, onnx_path, openvi
         for path in (openvino_path, fp16_path)
     }
     for stored in (onnx_bytes, constant_bytes[openvino_path], openvino_path.with_suffix(".bin").stat().st_size):
-        assert gaussian_bytes <= stored < model_bytes + gaussian_bytes / 4
+        assert model_bytes - gaussian_bytes / 4 < stored < model_bytes + gaussian_bytes / 4
     assert 0.45 < fp16_path.with_suffix(".bin").stat().st_size / openvino_path.with_suffix(".bin").stat().st_size < 0.55
 
 
