@@ -92,7 +92,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         sigma: anomaly-map smoothing in pixels.
         incremental: a fit adds its images to the fitted Gaussians instead of starting
             afresh: ``load_from_checkpoint(path, incremental=True)`` then ``Engine().fit``
-            gives the Gaussians of one fit on the earlier and the new images together.
+            gives the Gaussians of one fit on the earlier and the new images together. Saved
+            with the checkpoint like every argument: load with ``incremental=False`` to refit.
         image_size: input size of the default pre-processor (at least 32 px; multiples of 224 need no padding).
         pre_processor, post_processor, evaluator, visualizer: anomalib components,
             ``True`` for the defaults.
