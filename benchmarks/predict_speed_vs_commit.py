@@ -83,8 +83,6 @@ REPOSITORY = SCRIPT.parent.parent
 PACKAGE = "anomalib_contnet"
 CLOCKS = ("wall", "cpu")
 """Wall time (what a user waits) and the worker's CPU time (insensitive to waiting for a busy core)."""
-FIT_SAMPLES = 16
-"""Random embeddings the Gaussian is fitted on: enough for a regularised fit of the right shape (speed only)."""
 
 
 def git(*arguments: str) -> str:
@@ -144,7 +142,7 @@ def serve(setting: dict[str, Any]) -> None:
             )
             raise MemoryError(msg)
         generator = torch.Generator().manual_seed(0)
-        for _ in range(FIT_SAMPLES // 8):
+        for _ in range(0, setting["fit_samples"], 8):
             model.gaussian.update(torch.randn(8, *grid, generator=generator))
         model.gaussian.fit()
         images = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1))
@@ -153,7 +151,8 @@ def serve(setting: dict[str, Any]) -> None:
             {
                 "package": str(loaded_from.parent),
                 "embedding": list(grid),
-                "gaussian_shapes": sorted(list(buffer.shape) for buffer in model.gaussian.state_dict().values()),
+                "positions_and_dims": list(model.gaussian.mean.shape),
+                "gaussian_bytes": sum(buffer.nbytes for buffer in model.gaussian.state_dict().values()),
                 "parameters": sum(parameter.numel() for parameter in model.parameters()),
                 "threads": torch.get_num_threads(),
             }
@@ -194,7 +193,7 @@ def serve_fits(setting: dict[str, Any], package: Path) -> None:
             {
                 "package": str(package),
                 "embedding": list(model.model.gaussian.mean.shape),  # positions x dimensions
-                "gaussian_shapes": sorted(list(buffer.shape) for buffer in model.model.gaussian.state_dict().values()),
+                "positions_and_dims": list(model.model.gaussian.mean.shape),
                 "threads": torch.get_num_threads(),
             }
         )
@@ -288,7 +287,7 @@ def compare_pair(trees: dict[str, Path], setting: dict[str, Any], rounds: int) -
         for worker in workers:
             worker.info = worker.read_result()
         baseline, new = sorted(workers, key=lambda worker: worker.label)  # "baseline" < "new"
-        for key in ("embedding", "gaussian_shapes"):
+        for key in ("embedding", "positions_and_dims"):  # the same problem; its representation may differ
             if baseline.info[key] != new.info[key]:
                 msg = f"{key} differs between the trees: baseline {baseline.info[key]}, new {new.info[key]}"
                 raise RuntimeError(msg)
@@ -316,6 +315,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="fresh worker pairs per size, run one after another")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of each worker (default: 1)")
     parser.add_argument("--fit-images", type=int, default=0, help="time Engine.fit on this many images instead")
+    parser.add_argument(
+        "--fit-samples", type=int, default=200, help="random embeddings the timed model's Gaussians are fitted on"
+    )
     parser.add_argument("--tolerance", type=float, default=0.05, help="allowed slowdown (default: 0.05 = 5 %%)")
     args = parser.parse_args()
     if args.worker:
@@ -340,6 +342,7 @@ def main() -> None:
                 "threads": args.threads,
                 "cpu": max(os.sched_getaffinity(0)),
                 "fit_images": args.fit_images,
+                "fit_samples": args.fit_samples,
             }
             result = compare(trees, setting, args.rounds, args.pairs)
             info = result["info"]["new"]
