@@ -1,7 +1,8 @@
 """Writing files and folders so that a reader sees the old version or the new one, never half of one.
 
-Every file this package writes for a user (cached weights, converted weights,
-datasets, exports, benchmark results) goes through here: a file is written to a
+The files this package writes for a user (converted weights, datasets, exports,
+benchmark results, the demo's report) go through here; downloads go through
+``torch.hub.download_url_to_file``, which does the same: a file is written to a
 uniquely named temporary file beside its target and renamed over it; a folder is
 filled under a temporary name beside its target and swapped in, the older folder
 being renamed out of the way first and deleted only once the new one is in place.
@@ -12,7 +13,6 @@ system and is atomic.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -21,15 +21,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
-    "file_sha256",
     "replace_folder",
     "staged_folder",
-    "temporary_sibling",
     "write_bytes_atomically",
     "write_text_atomically",
 ]
-
-HASH_CHUNK_BYTES = 1 << 20
 
 READABLE_FILE_MODE = 0o644
 """Mode of published files: ``mkstemp`` creates 0600, but weights, datasets and results are meant to be shared."""
@@ -37,17 +33,8 @@ READABLE_FOLDER_MODE = 0o755
 """Mode of published folders (``mkdtemp`` creates 0700)."""
 
 
-def file_sha256(path: Path | str) -> str:
-    """Hex SHA-256 of a file, read in chunks so that multi-gigabyte weight files need little memory."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
-def temporary_sibling(target: Path) -> Iterator[tuple[Path, BinaryIO]]:
+def _temporary_sibling(target: Path) -> Iterator[tuple[Path, BinaryIO]]:
     """Open a uniquely named temporary file beside ``target``; it is deleted unless the caller renamed it away."""
     descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     temporary = Path(name)
@@ -61,7 +48,7 @@ def temporary_sibling(target: Path) -> Iterator[tuple[Path, BinaryIO]]:
 def write_bytes_atomically(target: Path, payload: bytes) -> None:
     """Write ``payload`` to ``target`` through a temporary sibling and one rename (the folder is created)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with temporary_sibling(target) as (temporary, stream):
+    with _temporary_sibling(target) as (temporary, stream):
         stream.write(payload)
         stream.close()
         os.chmod(temporary, READABLE_FILE_MODE)
