@@ -214,15 +214,13 @@ def machine_summary() -> str:
     )
 
 
-def fitted_model(backbone: str, training_images: int = 200) -> ConTNetPaDiMModel:
-    """Model with random backbone weights and a Gaussian fitted on random embeddings of its shape (speed only).
+def fit_on_random_embeddings(model: ConTNetPaDiMModel, training_images: int = 200) -> ConTNetPaDiMModel:
+    """Fit ``model``'s Gaussians on random embeddings of its 224 px grid (speed only), in eval mode.
 
     The Gaussians' size, and so the head's cost, grows with the number of training images
     up to the embedding dimension; 200 is a typical MVTec AD category.
     """
-    from anomalib_contnet import ConTNetPaDiMModel  # noqa: PLC0415  (see the TYPE_CHECKING import above)
-
-    model = ConTNetPaDiMModel(backbone=backbone, pre_trained=False).eval()
+    model.eval()
     generator = torch.Generator().manual_seed(0)
     for _ in range(0, training_images, 8):
         model.gaussian.update(torch.randn(8, model.embedding_dim, 7, 7, generator=generator))
@@ -230,3 +228,10 @@ def fitted_model(backbone: str, training_images: int = 200) -> ConTNetPaDiMModel
         warnings.simplefilter("ignore")  # fewer images than dimensions: expected here
         model.gaussian.fit()
     return model
+
+
+def fitted_model(backbone: str) -> ConTNetPaDiMModel:
+    """Model with random backbone weights and Gaussians fitted by :func:`fit_on_random_embeddings`."""
+    from anomalib_contnet import ConTNetPaDiMModel  # noqa: PLC0415  (see the TYPE_CHECKING import above)
+
+    return fit_on_random_embeddings(ConTNetPaDiMModel(backbone=backbone, pre_trained=False))

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import add_threads_option, apply_threads, machine_summary, markdown_table, median
+from _common import add_threads_option, apply_threads, fit_on_random_embeddings, machine_summary, markdown_table, median
 from anomalib.data import InferenceBatch
 
 from anomalib_contnet import ConTNetPaDiM
@@ -28,12 +28,9 @@ from anomalib_contnet.backbones.contnet import STAGE_NAMES
 
 
 def fitted_module(backbone: str) -> ConTNetPaDiM:
-    """The Lightning module at its defaults with random backbone weights and a Gaussian fitted on random embeddings."""
+    """The Lightning module at its defaults with random backbone weights and Gaussians fitted on random embeddings."""
     module = ConTNetPaDiM(backbone=backbone, pre_trained=False).eval()
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(8):
-        module.model.gaussian.update(torch.randn(8, module.model.embedding_dim, 7, 7, generator=generator))
-    module.model.gaussian.fit()
+    fit_on_random_embeddings(module.model)
     return module
 
 

@@ -67,7 +67,7 @@ def main() -> None:
     apply_threads(args.threads)
     print(machine_summary(), "\n")
 
-    models = {"ConTNetPaDiM contnet_b": fitted_model("contnet_b", "float32")}
+    models = {"ConTNetPaDiM contnet_b": fitted_model("contnet_b")}
     models["Padim wide_resnet50_2"] = padim_with_fitted_shapes("wide_resnet50_2")
     images = torch.randn(args.batch, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
