@@ -53,19 +53,23 @@ def train_arguments(root: Path, category: str, results: Path, *extra: str) -> li
     ]
 
 
-def saved_gaussian(results: Path) -> dict[str, torch.Tensor]:
-    """Count, mean and covariance (less epsilon*I, float64) of the Gaussians in the checkpoint under ``results``.
+def gaussian_summary(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Count, mean and covariance (less epsilon*I, float64) of a Gaussians state dict (keys under ``prefix``).
 
     The covariance is compared rather than the saved principal directions, whose signs are arbitrary.
     """
-    (checkpoint,) = results.rglob("*.ckpt")
-    state = torch.load(checkpoint, weights_only=True)["state_dict"]
-    basis, variances = state["model.gaussian.basis"].double(), state["model.gaussian.variances"].double()
+    basis, variances = state[f"{prefix}basis"].double(), state[f"{prefix}variances"].double()
     return {
-        "count": state["model.gaussian.count"],
-        "mean": state["model.gaussian.mean"],
+        "count": state[f"{prefix}count"],
+        "mean": state[f"{prefix}mean"],
         "covariance": basis @ (variances.unsqueeze(-1) * basis.mT),
     }
+
+
+def saved_gaussian(results: Path) -> dict[str, torch.Tensor]:
+    """:func:`gaussian_summary` of the Gaussians in the one checkpoint under ``results``."""
+    (checkpoint,) = results.rglob("*.ckpt")
+    return gaussian_summary(torch.load(checkpoint, weights_only=True)["state_dict"], prefix="model.gaussian.")
 
 
 @pytest.mark.slow
