@@ -7,8 +7,7 @@
    backbone uses for CPU inference (``contnet.linear``).
 2. The model's floating-point operations per image, counted by torch's
    ``FlopCounterMode`` over the whole forward (backbone stages up to layer4,
-   Mahalanobis step, anomaly map), with ``contnet_flops_per_image`` for the
-   backbone alone.
+   Mahalanobis step, anomaly map), and over the backbone alone.
 3. Images/s per thread count and batch size: eager PyTorch (float32), and the ONNX
    export converted to OpenVINO (as anomalib exports) compiled with
    ``INFERENCE_PRECISION_HINT`` ``f32`` and ``bf16`` (the CPU plugin's default on
@@ -44,14 +43,13 @@ from _common import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from anomalib_contnet import ConTNetPaDiMModel
-from anomalib_contnet.backbones.contnet import contnet_flops_per_image, linear
+from anomalib_contnet.backbones.contnet import linear
 
 
-def model_flops(model: ConTNetPaDiMModel, side: int) -> int:
-    """FLOPs of one image through the whole forward (2 per multiply-add), as torch counts them."""
+def flops_per_image(module: torch.nn.Module, side: int) -> int:
+    """FLOPs of one RGB image through ``module`` (2 per multiply-add), as torch's counter counts them."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, side, side))
+        module(torch.zeros(1, 3, side, side))
     return int(counter.get_total_flops())
 
 
@@ -83,8 +81,8 @@ def main() -> None:
 
     model = fitted_model(args.backbone)
     side = 224
-    flops = model_flops(model, side)
-    backbone_flops = contnet_flops_per_image(model.feature_extractor.backbone, side)
+    flops = flops_per_image(model, side)
+    backbone_flops = flops_per_image(model.feature_extractor.backbone, side)
     images = torch.randn(max(args.batches), 3, side, side, generator=torch.Generator().manual_seed(1))
     converted = ov.convert_model(export_onnx(model, args.work / "model.onnx", images[:2]))
     core = ov.Core()

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F  # noqa: N812
 from contnet_stages import stage_maps
@@ -20,7 +21,6 @@ from anomalib_contnet.backbones.contnet import (
     ConTBlock,
     ConTNet,
     PatchwiseTransformerEncoder,
-    create_contnet,
 )
 from anomalib_contnet.backbones.contnet_configs import (
     CONTNET_CFGS,
@@ -78,7 +78,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def contnet_b() -> ConTNet:
     torch.manual_seed(0)
-    return create_contnet("contnet_b").eval()
+    return timm.create_model("contnet_b").eval()
 
 
 @pytest.mark.parametrize(("variant", "avg_down"), list(KEY_FILES))
@@ -86,14 +86,14 @@ def test_state_dict_matches_published_keys_in_order(variant: str, avg_down: bool
     expected = read_key_file(KEYS / KEY_FILES[variant, avg_down])
     actual = [
         (key, tuple(value.shape), str(value.dtype))
-        for key, value in create_contnet(variant, avg_down=avg_down).state_dict().items()
+        for key, value in timm.create_model(variant, avg_down=avg_down).state_dict().items()
     ]
     assert actual == expected
 
 
 def test_avg_down_changes_exactly_the_three_strided_shortcuts() -> None:
     plain = [key for key, _, _ in read_key_file(KEYS / "ConT-B.tsv")]
-    avg_down = list(create_contnet("contnet_b", avg_down=True).state_dict())
+    avg_down = list(timm.create_model("contnet_b", avg_down=True).state_dict())
     changed = [(old, new) for old, new in zip(plain, avg_down, strict=True) if old != new]
     assert changed == [
         (
@@ -112,10 +112,10 @@ def test_variant_defaults_are_the_shortcut_of_the_published_download() -> None:
         "contnet_m": False,
         "contnet_b": True,
     }
-    default_b = [(key, tuple(value.shape)) for key, value in create_contnet("contnet_b").state_dict().items()]
+    default_b = [(key, tuple(value.shape)) for key, value in timm.create_model("contnet_b").state_dict().items()]
     assert default_b == [(key, shape) for key, shape, _ in read_key_file(KEYS / "ConT-B_avgdown.tsv")]
-    assert create_contnet("contnet_b", avg_down=False).config.avg_down is False
-    assert create_contnet("contnet_ti", avg_down=True).config.avg_down is True
+    assert timm.create_model("contnet_b", avg_down=False).config.avg_down is False
+    assert timm.create_model("contnet_ti", avg_down=True).config.avg_down is True
 
 
 def meta_state(key_file: str) -> dict[str, torch.Tensor]:
@@ -143,12 +143,12 @@ def test_shortcut_of_partial_and_mixed_state_dicts() -> None:
 
 @pytest.mark.parametrize("variant", sorted(PUBLISHED_PARAMETERS))
 def test_parameter_count_matches_published_code(variant: str) -> None:
-    model = create_contnet(variant)
+    model = timm.create_model(variant)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[variant]
 
 
 def test_contnet_b_without_head_parameter_count() -> None:
-    model = create_contnet("contnet_b", num_classes=0)
+    model = timm.create_model("contnet_b", num_classes=0)
     assert sum(p.numel() for p in model.parameters()) == CONTNET_B_WITHOUT_FC
     assert "fc.weight" not in model.state_dict()
 
@@ -170,7 +170,7 @@ def test_contnet_b_stage_shapes(contnet_b: ConTNet, side: int, scale: int) -> No
 
 @pytest.mark.parametrize("variant", ["contnet_ti", "contnet_s", "contnet_m"])
 def test_every_variant_stage_shapes_at_224(variant: str) -> None:
-    model = create_contnet(variant).eval()
+    model = timm.create_model(variant).eval()
     width = model.config.inplanes
     # Stage i of the spec: width inplanes * 2**i, strides 4, 8, 16, 32, 32.
     expected = {
@@ -182,7 +182,7 @@ def test_every_variant_stage_shapes_at_224(variant: str) -> None:
 
 @pytest.mark.parametrize(("height", "width"), [(31, 64), (64, 31), (16, 16)])
 def test_sides_below_32_are_refused(height: int, width: int) -> None:
-    model = create_contnet("contnet_ti")
+    model = timm.create_model("contnet_ti")
     with pytest.raises(ValueError, match=r"at least 32 pixels") as raised:
         model(torch.zeros(1, 3, height, width))
     assert f"{height}x{width}" in str(raised.value)
@@ -208,7 +208,7 @@ def expected_stage_shapes(stem_width: int, size: tuple[int, int]) -> dict[str, t
 @pytest.fixture(scope="module")
 def tiny_ti() -> ConTNet:
     torch.manual_seed(2)
-    return create_contnet("contnet_ti", **TINY_TI).eval()
+    return timm.create_model("contnet_ti", **TINY_TI).eval()
 
 
 @pytest.mark.parametrize("size", [(256, 256), (300, 257), (1024, 1024), (32, 32)])

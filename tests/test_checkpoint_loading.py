@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from stock_cli import run_anomalib
 
 from anomalib_contnet import ConTNetPaDiM
-from anomalib_contnet.backbones.contnet import create_contnet
 
 BACKBONE_PREFIX = "model.feature_extractor.backbone."
 AVG_DOWN_KEY = "layer1.ConTBlock0.downsample.conv.conv.weight"
@@ -54,7 +54,7 @@ def fitted(request: pytest.FixtureRequest, tiny_mvtec, tmp_path_factory: pytest.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)  # weights unlike the seeded untrained ones a model starts from
         weights = work / "contnet_ti.pth"
-        torch.save(create_contnet("contnet_ti", avg_down=shortcut == "avg_down").state_dict(), weights)
+        torch.save(timm.create_model("contnet_ti", avg_down=shortcut == "avg_down").state_dict(), weights)
     data = tiny_datamodule(tiny_mvtec)
     model = ConTNetPaDiM(backbone="contnet_ti", weights=str(weights))
     runner = engine(work)

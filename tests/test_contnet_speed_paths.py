@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import timm
 import torch
 from contnet_stages import stage_maps
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from anomalib_contnet.backbones.contnet import ConTNet, FeedForward, create_contnet, linear, onednn_linear_applies
+from anomalib_contnet.backbones.contnet import ConTNet, FeedForward, linear, onednn_linear_applies
 
 ONEDNN_LINEAR = "mkldnn::_linear_pointwise"
 
@@ -37,7 +38,7 @@ def profiled_operators(function: Callable[..., object], *args: object, **kwargs:
 @pytest.fixture(scope="module", params=["contnet_ti", "contnet_b"])
 def network(request: pytest.FixtureRequest) -> ConTNet:
     torch.manual_seed(11)
-    return create_contnet(request.param, num_classes=0).eval()
+    return timm.create_model(request.param, num_classes=0).eval()
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
@@ -94,7 +95,7 @@ def test_every_excluded_case_takes_f_linear() -> None:
 def test_gradients_flow_through_the_plain_path() -> None:
     """Training (gradients enabled) still works: the layer's weight gets a gradient."""
     torch.manual_seed(14)
-    network = create_contnet("contnet_ti", inplanes=8, mlp_dim=(8, 16, 16, 16), num_classes=10).train()
+    network = timm.create_model("contnet_ti", inplanes=8, mlp_dim=(8, 16, 16, 16), num_classes=10).train()
     network(torch.randn(2, 3, 64, 64)).sum().backward()
     assert network.layer1.ConTBlock0.ste1.mlp.fc1.weight.grad is not None
 
@@ -102,7 +103,7 @@ def test_gradients_flow_through_the_plain_path() -> None:
 def test_exported_graph_has_standard_operators_and_matches_eager() -> None:
     """``torch.export`` sees ``F.linear``, no oneDNN operator; its module equals eager on CPU."""
     torch.manual_seed(15)
-    network = create_contnet("contnet_ti", num_classes=0).eval()
+    network = timm.create_model("contnet_ti", num_classes=0).eval()
     image = torch.randn(2, 3, 300, 257, generator=torch.Generator().manual_seed(16))
     exported = torch.export.export(network, (image,))
     graph = str(exported.graph)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from anomalib.models import Padim, get_model, list_models
 from anomalib.models.components import MultiVariateGaussian
@@ -10,7 +11,6 @@ from anomalib.models.image.padim.anomaly_map import AnomalyMapGenerator as Padim
 from contnet_stages import stage_maps
 
 from anomalib_contnet import ConTNetPaDiM, ConTNetPaDiMModel, NotFittedError
-from anomalib_contnet.backbones.contnet import create_contnet
 from anomalib_contnet.backbones.weight_files import WeightsError
 from anomalib_contnet.models.contnet_padim.feature_extractor import UNTRAINED_INIT_SEED
 
@@ -53,7 +53,7 @@ def test_extractor_features_are_the_contnet_stage_outputs(layers: tuple[str, ...
     """
     extractor = small_model(layers=layers).feature_extractor
     torch.manual_seed(UNTRAINED_INIT_SEED)
-    reference = create_contnet("contnet_ti", num_classes=0).eval()
+    reference = timm.create_model("contnet_ti", num_classes=0).eval()
     deepest = max(int(layer[-1]) for layer in layers)
     assert list(extractor.backbone.keys()) == [f"layer{index}" for index in range(deepest + 1)]
     image = images(2, 5)

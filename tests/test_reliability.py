@@ -42,7 +42,7 @@ from PIL import Image
 from torch import distributed
 
 from anomalib_contnet import ConTNetPaDiM
-from anomalib_contnet.backbones.contnet import STAGE_NAMES, create_contnet
+from anomalib_contnet.backbones.contnet import STAGE_NAMES
 from anomalib_contnet.backbones.weight_files import WeightsError, resolve_weights
 from anomalib_contnet.models.contnet_padim import ConTNetPaDiMModel, NonFiniteError, NotFittedError
 from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
@@ -362,7 +362,7 @@ def test_refitting_uses_the_new_images_and_mixed_sizes_share_a_batch(small_runs:
 
 # ------------------------------------------------------------------------------------------ non-finite values
 def test_backbone_weights_file_with_nan_is_refused_when_fitting_starts(small_runs: SmallRuns, tmp_path: Path) -> None:
-    state = create_contnet("contnet_ti", num_classes=0).state_dict()
+    state = timm.create_model("contnet_ti", num_classes=0).state_dict()
     state["layer2.ConTBlock0.ste1.attn.qkv.weight"][3, 5] = float("nan")
     path = tmp_path / "contnet_ti.pth"
     torch.save(state, path)
@@ -443,7 +443,7 @@ def test_files_that_are_not_model_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(pickle.UnpicklingError, match=r"Unsupported global.*datetime"):  # nothing from it runs
         ConTNetPaDiM.load_from_checkpoint(foreign)
     backbone_only = tmp_path / "contnet_ti.pth"
-    torch.save(create_contnet("contnet_ti").state_dict(), backbone_only)
+    torch.save(timm.create_model("contnet_ti").state_dict(), backbone_only)
     with pytest.raises(KeyError, match="pytorch-lightning_version"):  # Lightning's: not a Lightning checkpoint
         ConTNetPaDiM.load_from_checkpoint(backbone_only)
 
@@ -615,7 +615,7 @@ def checkpoint_like() -> st.SearchStrategy[object]:
 @pytest.fixture(scope="module")
 def real_backbone_bytes() -> bytes:
     buffer = io.BytesIO()
-    torch.save({"model": create_contnet("contnet_ti").state_dict()}, buffer)
+    torch.save({"model": timm.create_model("contnet_ti").state_dict()}, buffer)
     return buffer.getvalue()
 
 

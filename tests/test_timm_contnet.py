@@ -19,7 +19,7 @@ from contnet_stages import stage_maps
 from stock_cli import reported_metric, run_anomalib
 
 from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
-from anomalib_contnet.backbones.contnet import STAGE_REDUCTIONS, ConTNet, create_contnet
+from anomalib_contnet.backbones.contnet import STAGE_REDUCTIONS, ConTNet
 from anomalib_contnet.backbones.weight_files import PUBLISHED_URLS, WeightsError
 
 VARIANTS = ["contnet_b", "contnet_m", "contnet_s", "contnet_ti"]
@@ -64,7 +64,7 @@ def test_the_four_variants_are_registered_with_one_default_config_each() -> None
 def test_features_only_returns_the_named_stages(out_indices: tuple[int, ...]) -> None:
     names = [f"layer{index}" for index in out_indices]
     torch.manual_seed(1)
-    reference = create_contnet("contnet_ti").eval()
+    reference = timm.create_model("contnet_ti").eval()
     wrapped = timm.create_model("contnet_ti", features_only=True, out_indices=out_indices)
     info = wrapped.feature_info
     assert info.module_name() == names
@@ -154,7 +154,7 @@ def test_anomalib_models_train_untrained_contnet_without_any_weights(
 def contnet_b_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     """A ConTNet-B checkpoint of the published avg-down layout, written by our builder (random values)."""
     torch.manual_seed(5)
-    state = create_contnet("contnet_b").state_dict()
+    state = timm.create_model("contnet_b").state_dict()
     path = tmp_path_factory.mktemp("contnet_b") / "contnet_b.pth"
     torch.save(state, path)
     return path, state

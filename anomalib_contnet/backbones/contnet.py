@@ -5,12 +5,11 @@ A clean-room implementation written from the published architecture facts (see
 their order equal the authors' released checkpoints, so those files load with
 strict key matching and give the published features.
 
-Layout follows timm's habits: every variant is one row of :data:`CONTNET_CFGS`,
-:func:`contnet_from_config` is the single step from a row to a model (for
-:func:`create_contnet` and timm's builder), and :func:`checkpoint_filter_fn`
-unwraps the checkpoint containers seen in the wild. This module only builds
-networks; pretrained ones are built by :mod:`anomalib_contnet.backbones.weights`
-and timm's ``contnet_*`` entry points (:mod:`anomalib_contnet.backbones.timm_contnet`).
+Layout follows timm's habits: every variant is one row of
+:data:`~anomalib_contnet.backbones.contnet_configs.CONTNET_CFGS`, and
+:func:`contnet_from_config` is the single step from a row to a model, called by timm's
+builder for the ``contnet_*`` entry points (:mod:`anomalib_contnet.backbones.timm_contnet`),
+which also load the pretrained weights. ``timm.create_model("contnet_b")`` builds an untrained network.
 
 The two shortcut options of the down-sampling blocks (a strided 1x1 convolution,
 or the authors' ``avg_down``: 2x2 average pooling, then a stride-1 1x1
@@ -27,7 +26,7 @@ compute exactly the published network.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -36,12 +35,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from anomalib_contnet.backbones.contnet_configs import (
-    CONTNET_CFGS,
-    STAGE_STRIDES,
-    ConTNetConfig,
-    list_contnet_variants,
-)
+from anomalib_contnet.backbones.contnet_configs import STAGE_STRIDES, ConTNetConfig
 
 __all__ = [
     "STAGE_NAMES",
@@ -49,11 +43,7 @@ __all__ = [
     "ConTBlock",
     "ConTNet",
     "PatchwiseTransformerEncoder",
-    "checkpoint_filter_fn",
-    "contnet_flops_per_image",
     "contnet_from_config",
-    "create_contnet",
-    "unwrap_checkpoint",
 ]
 
 STAGE_NAMES: tuple[str, ...] = ("layer0", "layer1", "layer2", "layer3", "layer4")
@@ -61,9 +51,6 @@ STAGE_NAMES: tuple[str, ...] = ("layer0", "layer1", "layer2", "layer3", "layer4"
 
 MIN_INPUT_SIDE = 32
 """Smallest image side accepted: the network reduces by 32, so a smaller side leaves stages 3-4 less than one cell."""
-
-PUBLISHED_INPUT_SIDE = 224
-"""Image side the published models were trained at; multiples of it need no padding in any encoder."""
 
 STAGE_PATCH_SIZES: tuple[tuple[int, int], ...] = ((7, 14), (7, 14), (7, 14), (7, 7))
 """Patch sizes of the two encoders (``ste1``, ``ste2``) in every block of stages 1..4."""
@@ -359,7 +346,7 @@ class ConTNet(nn.Module):
     """The ConTNet classifier; ``feature_info`` names its stages for timm's ``features_only`` networks.
 
     Args:
-        config: architecture of the variant (see :data:`CONTNET_CFGS`).
+        config: architecture of the variant (a row of :data:`~anomalib_contnet.backbones.contnet_configs.CONTNET_CFGS`).
     """
 
     def __init__(self, config: ConTNetConfig) -> None:
@@ -386,18 +373,11 @@ class ConTNet(nn.Module):
             self.add_module(f"layer{stage + 1}", ConTStage(blocks))
         self.num_features = config.inplanes * 2**4
         self.feature_info = [
-            {"num_chs": self.stage_channels[name], "reduction": reduction, "module": name}
-            for name, reduction in zip(STAGE_NAMES, STAGE_REDUCTIONS, strict=True)
+            {"num_chs": config.inplanes * 2**index, "reduction": reduction, "module": name}
+            for index, (name, reduction) in enumerate(zip(STAGE_NAMES, STAGE_REDUCTIONS, strict=True))
         ]
         self.fc: nn.Module = nn.Linear(self.num_features, config.num_classes) if config.num_classes else nn.Identity()
         self._init_weights()
-
-    @property
-    def stage_channels(self) -> dict[str, int]:
-        """Output channels of each stage."""
-        widths = {"layer0": self.config.inplanes}
-        widths.update({f"layer{i + 1}": self.config.inplanes * 2 ** (i + 1) for i in range(4)})
-        return widths
 
     def _init_weights(self) -> None:
         """Initialise like the authors: Kaiming for convolutions, truncated normal for linear layers."""
@@ -427,74 +407,11 @@ class ConTNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def unwrap_checkpoint(checkpoint: Any) -> dict[str, torch.Tensor]:
-    """Extract a state_dict from the checkpoint forms seen in the wild.
-
-    Accepts a bare state_dict, one nested under ``model`` or ``state_dict`` (the
-    authors' training script saves ``{"model": ..., "optimizer": ...}``), and
-    strips the ``module.`` prefix left by DistributedDataParallel.
-    """
-    if isinstance(checkpoint, Mapping):
-        for container in ("model", "state_dict"):
-            inner = checkpoint.get(container)
-            if isinstance(inner, Mapping):
-                checkpoint = inner
-                break
-    if not isinstance(checkpoint, Mapping) or not checkpoint:
-        msg = "not a ConTNet checkpoint: expected a state_dict (a mapping of parameter names to tensors)"
-        raise TypeError(msg)
-    state_dict: dict[str, torch.Tensor] = {}
-    for key, value in checkpoint.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            msg = f"not a ConTNet checkpoint: entry {key!r} is a {type(value).__name__}, expected a tensor"
-            raise TypeError(msg)
-        state_dict[key.removeprefix("module.")] = value
-    return state_dict
-
-
-def checkpoint_filter_fn(checkpoint: Any, model: ConTNet) -> dict[str, torch.Tensor]:
-    """Adapt a published checkpoint to ``model``: unwrap it and drop a head the model does not have.
-
-    Shortcut keys are left as spelled: the two spellings are two networks (see
-    :func:`~anomalib_contnet.backbones.contnet_configs.shortcut_of_state_dict`), so a model of the
-    other shortcut must fail validation rather than load weights it would run differently.
-    """
-    state_dict = unwrap_checkpoint(checkpoint)
-    if not model.config.num_classes:
-        state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
-    return state_dict
-
-
-def create_contnet(name: str, *, avg_down: bool | None = None, num_classes: int = 1000, **overrides: Any) -> ConTNet:
-    """Build an untrained ConTNet variant (seeded by the caller's random state).
-
-    Pretrained models come from :func:`anomalib_contnet.backbones.weights.pretrained_contnet`
-    or ``timm.create_model(name, pretrained=True)``, which read the checkpoint
-    first so that its shortcut spelling decides the network built here.
-
-    Args:
-        name: one of :func:`~anomalib_contnet.backbones.contnet_configs.list_contnet_variants`
-            (``contnet_ti``, ``contnet_s``, ``contnet_m``, ``contnet_b``).
-        avg_down: shortcut of the stride-2 blocks (see :class:`ConTNetConfig`); None keeps the
-            variant's row of :data:`CONTNET_CFGS` (the architecture of its published download).
-        num_classes: classifier size; 0 builds the model without ``fc``.
-        **overrides: any other :class:`ConTNetConfig` field (for experiments).
-
-    Raises:
-        ValueError: for an unknown variant name.
-    """
-    if name not in CONTNET_CFGS:
-        msg = f"unknown ConTNet variant {name!r}; choose one of {list_contnet_variants()}"
-        raise ValueError(msg)
-    return contnet_from_config(CONTNET_CFGS[name], avg_down=avg_down, num_classes=num_classes, **overrides)
-
-
 def contnet_from_config(cfg: ConTNetConfig, *, in_chans: int = 3, **fields: Any) -> ConTNet:
     """Build an untrained ConTNet of ``cfg`` with some fields replaced (None keeps the config's value).
 
-    The one config-to-model step of both builders: :func:`create_contnet` and
-    timm's ``build_model_with_cfg`` (see :mod:`anomalib_contnet.backbones.timm_contnet`),
-    which passes the config as ``cfg`` and also ``in_chans``.
+    timm's ``build_model_with_cfg`` calls it (see :mod:`anomalib_contnet.backbones.timm_contnet`),
+    passing the variant's row as ``cfg``, ``in_chans``, and the caller's keyword arguments.
     """
     if in_chans != 3:
         msg = f"ConTNet's stem and published weights take RGB images (in_chans=3); got in_chans={in_chans}"
@@ -505,17 +422,3 @@ def contnet_from_config(cfg: ConTNetConfig, *, in_chans: int = 3, **fields: Any)
         msg = f"unknown ConTNet argument(s) {unknown}; accepted: {sorted(ConTNetConfig.__dataclass_fields__)}"
         raise TypeError(msg)
     return ConTNet(replace(cfg, **changes))
-
-
-def contnet_flops_per_image(model: nn.Module, side: int = PUBLISHED_INPUT_SIDE) -> int:
-    """Count floating-point operations (2 per multiply-add) of ``model`` on one RGB image with torch's counter.
-
-    ``model`` is a ConTNet or a timm ``features_only`` network of one, which
-    counts the stages up to the deepest one it holds.
-    """
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415  (only benchmarks need it)
-
-    image = torch.zeros(1, 3, side, side)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(image)
-    return int(counter.get_total_flops())

@@ -32,7 +32,7 @@ from anomalib_contnet.backbones.weight_files import (
     checkpoint_keys,
     resolve_weights,
 )
-from anomalib_contnet.checkpoints import compare_state_dict, non_finite_counts
+from anomalib_contnet.checkpoints import non_finite_counts
 
 __all__: list[str] = []  # register_model appends the entry points
 
@@ -91,24 +91,23 @@ def _shortcut_to_build(path: Path, requested: bool | None) -> bool | None:
 def _checked_state_dict(state_dict: dict[str, Any], model: ConTNet) -> dict[str, torch.Tensor]:
     """Timm's ``pretrained_filter_fn``: drop the head a headless model lacks, then refuse anything that does not fit.
 
-    timm loads non-strictly when the head is dropped, so every key, shape and
-    value is checked here: a wrong variant or a damaged file never loads halfway.
+    timm loads non-strictly once the head is dropped, so the file is first loaded
+    strictly here (torch then names every missing, unexpected or wrong-shape key),
+    and refused when a tensor holds NaN/Inf: a wrong variant or a damaged file never loads halfway.
     """
     path = model.pretrained_cfg["file"]
     if not model.config.num_classes:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
-    if not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        msg = f"{path} is not a ConTNet checkpoint: its entries are not all tensors"
-        raise WeightsError(msg)
-    mismatch = compare_state_dict(model.state_dict(), state_dict)
-    if mismatch:
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
         config = model.config
         msg = (
             f"{path} does not fit this ConTNet (inplanes={config.inplanes}, layers={config.layers}, "
-            f"num_classes={config.num_classes}): {mismatch.describe()}. Is it a checkpoint of another variant? "
-            f"A mismatch only in 'fc' means another classifier size: build the model with num_classes=0."
+            f"num_classes={config.num_classes}). Is it a checkpoint of another variant? A mismatch only in 'fc' "
+            f"means another classifier size: build the model with num_classes=0. {error}"
         )
-        raise WeightsError(msg)
+        raise WeightsError(msg) from error
     for key, count in non_finite_counts(state_dict).items():
         msg = f"{path}: {key} holds {count} NaN/Inf values; the file is damaged, fetch it again"
         raise WeightsError(msg)
