@@ -309,16 +309,6 @@ class ConTBlock(nn.Module):
         return self.final_drop(out + shortcut)
 
 
-def check_input_size(height: int, width: int) -> None:
-    """Raise a clear error for images too small for the network's total reduction of 32."""
-    if height < MIN_INPUT_SIDE or width < MIN_INPUT_SIDE:
-        msg = (
-            f"ConTNet needs image sides of at least {MIN_INPUT_SIDE} pixels (its deepest stages reduce by 32); "
-            f"got {height}x{width}. Resize the input first (anomalib's PreProcessor does this when image_size is set)."
-        )
-        raise ValueError(msg)
-
-
 class Stem(nn.Module):
     """7x7 stride-2 convolution then 3x3 stride-2 max pooling; no normalisation or activation."""
 
@@ -329,7 +319,13 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reduce the image to a quarter of its size (sides of at least :data:`MIN_INPUT_SIDE`)."""
-        check_input_size(x.shape[-2], x.shape[-1])
+        height, width = x.shape[-2:]
+        if height < MIN_INPUT_SIDE or width < MIN_INPUT_SIDE:
+            msg = (
+                f"ConTNet needs image sides of at least {MIN_INPUT_SIDE} pixels (its deepest stages reduce by 32); "
+                f"got {height}x{width}. Resize the input first (anomalib's PreProcessor does with image_size)."
+            )
+            raise ValueError(msg)
         return self.maxpool(self.conv(x))
 
 

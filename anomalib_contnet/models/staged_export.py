@@ -12,10 +12,9 @@ export leaves the older one untouched.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +42,14 @@ INT8_PTQ_REFUSAL = (
 )
 
 
-@contextmanager
-def _staged(export_root: Path | str, export_type: ExportType) -> Iterator[Path]:
-    """Yield a temporary export root; on normal exit its ``weights/<type>`` replaces the one under ``export_root``."""
+def _export_staged(export: Callable[[Path], Path], export_root: Path | str, export_type: ExportType) -> Path:
+    """Run ``export(staging_root)``, then swap the ``weights/<type>`` it wrote in for the one under ``export_root``."""
     target = Path(export_root) / "weights" / export_type.value
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{export_type.value}-", dir=target.parent))
-    try:
-        yield staging
-        replace_folder(staging / "weights" / export_type.value, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _published(export_root: Path | str, export_type: ExportType, written: Path) -> Path:
-    """Where the file the exporter wrote into the staging folder lies now."""
-    return Path(export_root) / "weights" / export_type.value / written.name
+    with tempfile.TemporaryDirectory(prefix=f".staging-{export_type.value}-", dir=target.parent) as staging:
+        written = export(Path(staging))
+        replace_folder(Path(staging) / "weights" / export_type.value, target)
+    return target / written.name
 
 
 class AtomicExportMixin(ExportMixin):
@@ -71,9 +62,8 @@ class AtomicExportMixin(ExportMixin):
 
     def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
         """Export the whole module as ``<export_root>/weights/torch/<name>.pt`` (for anomalib's TorchInferencer)."""
-        with _staged(export_root, ExportType.TORCH) as staging:
-            written = super().to_torch(staging, model_file_name)
-        return _published(export_root, ExportType.TORCH, written)
+        export = partial(super().to_torch, model_file_name=model_file_name)
+        return _export_staged(export, export_root, ExportType.TORCH)
 
     def to_onnx(
         self,
@@ -84,15 +74,13 @@ class AtomicExportMixin(ExportMixin):
     ) -> Path:
         """Export ``<export_root>/weights/onnx/<name>.onnx`` (with its external data file next to it)."""
         kwargs = ONNX_EXPORT_DEFAULTS | kwargs
-        with _staged(export_root, ExportType.ONNX) as staging:
-            written = super().to_onnx(staging, model_file_name, input_size, **kwargs)
-        return _published(export_root, ExportType.ONNX, written)
+        export = partial(super().to_onnx, model_file_name=model_file_name, input_size=input_size, **kwargs)
+        return _export_staged(export, export_root, ExportType.ONNX)
 
     def to_openvino(self, export_root: Path | str, model_file_name: str = "model", **options: Any) -> Path:
         """Export ``<export_root>/weights/openvino/<name>.xml`` and ``.bin`` (options as anomalib's ``to_openvino``)."""
         if options.get("compression_type") == CompressionType.INT8_PTQ:
             raise ValueError(INT8_PTQ_REFUSAL)
         onnx_kwargs = ONNX_EXPORT_DEFAULTS | dict(options.pop("onnx_kwargs", None) or {})
-        with _staged(export_root, ExportType.OPENVINO) as staging:
-            written = super().to_openvino(staging, model_file_name, onnx_kwargs=onnx_kwargs, **options)
-        return _published(export_root, ExportType.OPENVINO, written)
+        export = partial(super().to_openvino, model_file_name=model_file_name, onnx_kwargs=onnx_kwargs, **options)
+        return _export_staged(export, export_root, ExportType.OPENVINO)

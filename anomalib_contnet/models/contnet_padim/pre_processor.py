@@ -7,19 +7,8 @@ which switches antialiasing off because ONNX export does not support it. On
 1024 px images the two differ enough to move normalised scores by about 0.1 (docs/export.md,
 "Parity on image files"), so thresholds learned while fitting mean something else in deployment.
 
-:class:`AntialiasedResize` computes the antialiased bilinear resize itself, as
-two matrix products whose (output, input) resampling matrices are built from the
-input's size with ordinary tensor operations: the triangle filter widened by the
-downscaling factor, each row normalised to sum 1, the definition torchvision
-(``antialias=True``) and PIL use. That survives ``torch.export``, ONNX and
-OpenVINO with symbolic batch, height and width, and it has no aliased mode for
-anomalib's export copy to switch to. It stays a ``Resize`` so that anomalib's
-datamodules still resize every image (and nearest-neighbour every mask) in the
-dataset, before batches are collated.
-
-:class:`ConTNetPreProcessor` is anomalib's ``PreProcessor`` with that resize and
-the backbone's normalisation, stored in checkpoints as plain numbers
-(``weights_only`` loading needs no extra globals).
+:class:`AntialiasedResize` computes the antialiased resize with ordinary tensor
+operations, which every export keeps; :class:`ConTNetPreProcessor` applies it on every path.
 """
 
 from __future__ import annotations
