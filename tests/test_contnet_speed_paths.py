@@ -1,10 +1,10 @@
-"""ConTNet's CPU inference path (oneDNN linear layers, GELU fused) against the plain operators.
+"""ConTNet's CPU inference paths (oneDNN linear layers with GELU fused, channels-last maps) against the plain ones.
 
-:func:`~anomalib_contnet.backbones.contnet.linear` calls oneDNN directly for
-float32 CPU inference and ``F.linear`` everywhere else. These tests check that
-the two give the same network outputs, that each excluded case really takes
-``F.linear``, and that an exported graph holds only standard operators and
-matches eager inference.
+For float32 CPU inference in eager mode, :func:`~anomalib_contnet.backbones.contnet.linear`
+calls oneDNN directly and the feature maps are kept channels-last; everywhere else the
+network runs as written. These tests check that both give the same outputs, that each
+excluded case really takes ``F.linear``, and that an exported graph is the same with the
+paths on and off, holds only standard operators and matches eager inference.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def test_onednn_path_equals_the_plain_operators(network: ConTNet, size: tuple[in
     for name, expected in plain.items():
         assert fast[name].shape == expected.shape, name
         assert relative_error(fast[name], expected) < 1e-5, name
+        assert fast[name].is_contiguous(memory_format=torch.channels_last), name
     assert ONEDNN_LINEAR in profiled_operators(stage_maps, network, image)
     with torch.backends.mkldnn.flags(enabled=False):
         assert ONEDNN_LINEAR not in profiled_operators(stage_maps, network, image)
@@ -107,6 +108,8 @@ def test_exported_graph_has_standard_operators_and_matches_eager() -> None:
     image = torch.randn(2, 3, 300, 257, generator=torch.Generator().manual_seed(16))
     exported = torch.export.export(network, (image,))
     graph = str(exported.graph)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert str(torch.export.export(network, (image,)).graph) == graph  # the CPU paths leave no trace
     assert "mkldnn" not in graph
     assert "aten.linear" in graph
     with torch.no_grad():

