@@ -1,7 +1,7 @@
 """The one fit-and-score path of the benchmark and the demo; a benchmark job runs it in a process of its own.
 
 ``python -m anomalib_contnet.evaluation.worker SPEC RESULT``: a process per job makes peak memory
-that job's alone (``VmHWM``; ``getrusage`` in the parent would report the larger of parent and child),
+that job's alone (its own ``getrusage``; in the parent it would report the larger of parent and child),
 gives each job its own environment (``ANOMALIB_CONTNET_WEIGHTS`` for anomalib's models on ConTNet)
 and lets a job that runs out of memory fail alone. The result is a JSON file: the metrics, or the error.
 
@@ -15,6 +15,7 @@ scores tie and the area collapses towards 0.5 (scores ``[20, 25, 30, 18, 22, 40]
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 import traceback
@@ -49,15 +50,6 @@ class JobSpec:
     post_processing: bool = False
     """Keep anomalib's post-processor (the demo's export needs its thresholds); metrics stay on raw scores."""
     keep_checkpoint: bool = False
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process since exec (Linux ``VmHWM``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    msg = "/proc/self/status has no VmHWM line"
-    raise RuntimeError(msg)
 
 
 def build_model(spec: JobSpec) -> Any:  # an AnomalibModule; typed loosely to keep anomalib out of module import
@@ -184,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     spec_path, result_path = sys.argv[1:] if argv is None else argv
     install_warning_filters()
     result = run_job(JobSpec(**json.loads(Path(spec_path).read_text(encoding="utf-8"))))
-    result["peak_rss_mb"] = peak_rss_bytes() / 2**20
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     write_text_atomically(Path(result_path), json.dumps(result, indent=1) + "\n")
     return 0 if result["status"] == "ok" else 1
 
