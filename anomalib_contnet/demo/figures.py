@@ -1,4 +1,4 @@
-"""The demo's figures: ROC curves of the raw scores and a grid of the exported model's predictions.
+"""The demo's figure: a grid of the exported model's predictions on test images.
 
 Drawn on ``matplotlib.figure.Figure`` objects directly rather than through pyplot, so no GUI backend
 is chosen or changed and figures are freed as soon as they are saved.
@@ -10,27 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
-from sklearn.metrics import auc, roc_curve
 
-__all__ = ["render_prediction_grid", "render_roc_curves"]
-
-
-def render_roc_curves(raw: dict[str, torch.Tensor], pixel_labels: bool, target: Path) -> None:
-    """Image-level and (when the masks locate defects) pixel-level ROC curves of the raw scores."""
-    panels = [("Image level (raw scores)", raw["image_labels"], raw["image_scores"])]
-    if pixel_labels:
-        panels.append(("Pixel level (raw anomaly maps)", raw["masks"], raw["anomaly_maps"]))
-    figure = Figure(figsize=(5.2 * len(panels), 5), layout="constrained")
-    for axis, (title, labels, scores) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
-        fpr, tpr, _ = roc_curve(labels.reshape(-1).numpy(), scores.reshape(-1).double().numpy())
-        axis.plot(fpr, tpr, linewidth=1.8, label=f"AUROC {auc(fpr, tpr):.3f}")
-        axis.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
-        axis.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate", title=title)
-        axis.legend(loc="lower right")
-        axis.set_aspect("equal")
-    figure.savefig(target, dpi=100)
+__all__ = ["render_prediction_grid"]
 
 
 def render_prediction_grid(samples: list[dict[str, Any]], target: Path) -> None:
