@@ -1,28 +1,17 @@
 """Eager predict speed of the working tree against an earlier commit, both measured in one run, as a ratio.
 
-On a small shared machine two separate runs differ by more than the 5 % that matters, so both trees
-are timed in the same run. The baseline commit's ``anomalib_contnet/`` is exported with ``git archive``
-into a temporary folder (the repository, its index and its worktrees are untouched), and each tree gets
-a worker process: same interpreter, ``PYTHONPATH`` pointing at that tree, one thread, both pinned to the
-same CPU (they never run at once). Each worker builds ``ConTNetPaDiMModel`` with seeded random backbone
-weights (speed does not depend on what they learned), fits its Gaussians on random embeddings of its own
-grid, and times one eager forward of the same random batch whenever the parent asks. The parent alternates
-the workers round by round (A B, B A, ...) so that load from other jobs hits both alike, and starts
-``--pairs`` fresh pairs one after the other: where a process's memory happens to lie can move its speed by
-several per cent for its whole life (an A/A run with one pair measured 1.117 at 256 px).
-
-Reported per size: medians and the ratio of median times new / baseline (above 1 = slower) for wall time
-(what a user waits) and for the worker's CPU time (which leaves out waiting for a busy core: when the two
-ratios disagree, load moved the wall time), and the range of the per-round ratios. ``--new REV`` measures a
-commit instead of the working tree; ``--new`` equal to ``--baseline`` is the A/A run that shows the noise
-level, to be run beside every comparison. Run from the repository root (about 2 minutes per size)::
+The baseline's ``anomalib_contnet/`` is exported with ``git archive`` into a temporary folder; each tree
+gets a worker process (``PYTHONPATH`` = that tree, one thread, both pinned to one CPU) that builds
+``ConTNetPaDiMModel`` with seeded random weights, fits its Gaussians on random embeddings and times one
+eager forward per request. The parent alternates the workers round by round (A B, B A, ...) and starts
+``--pairs`` fresh pairs, since where a process's memory lies can move its speed for its whole life.
+Reported: median time new / baseline (above 1 = slower), wall and CPU time, and the per-round range.
+``--new`` equal to ``--baseline`` is the A/A run that shows the noise level: run one beside every
+comparison. Method and results: docs/performance.md, section 10. From the repository root::
 
     python benchmarks/predict_speed_vs_commit.py --baseline 09eda79 --sizes 224 --pairs 2 --rounds 5
     python benchmarks/predict_speed_vs_commit.py --baseline 09eda79 --new 09eda79 --sizes 224 --pairs 2 --rounds 5
     python benchmarks/predict_speed_vs_commit.py --sizes 1024 --n-features 100 --batch 2 --rounds 3
-
-At 1024 px with all 1536 dimensions the statistics alone would need about 19 GB; ``--n-features``
-(the random channel subset both trees support) makes such sizes affordable.
 """
 
 from __future__ import annotations
