@@ -102,17 +102,6 @@ def openvino_matmul_rate(precision: str, threads: int, size: int = 2048, rounds:
     return 2 * size**3 / min(seconds) / 1e9
 
 
-def memory_bandwidth(megabytes: int = 512, rounds: int = 5) -> dict[str, float]:
-    """GB/s of a streaming read (sum) and a copy of a buffer far larger than any cache, best of ``rounds``."""
-    source = torch.ones(megabytes * 2**20 // 4)
-    target = torch.empty_like(source)
-    timings = interleaved_timings({"read": source.sum, "copy": lambda: target.copy_(source)}, rounds)
-    return {
-        "read GB/s": source.numel() * 4 / min(timings["read"]) / 1e9,
-        "copy GB/s": 2 * source.numel() * 4 / min(timings["copy"]) / 1e9,
-    }
-
-
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -214,16 +203,20 @@ def machine_summary() -> str:
     )
 
 
-def fit_on_random_embeddings(model: ConTNetPaDiMModel, training_images: int = 200) -> ConTNetPaDiMModel:
-    """Fit ``model``'s Gaussians on random embeddings of its 224 px grid (speed only), in eval mode.
+def fit_on_random_embeddings(
+    model: ConTNetPaDiMModel, training_images: int = 200, side: int = 224
+) -> ConTNetPaDiMModel:
+    """Fit ``model``'s Gaussians on random embeddings of its grid at ``side`` px (speed only), in eval mode.
 
     The Gaussians' size, and so the head's cost, grows with the number of training images
     up to the embedding dimension; 200 is a typical MVTec AD category.
     """
     model.eval()
+    with torch.no_grad():
+        grid = model.extract_embedding(torch.zeros(1, 3, side, side)).shape[1:]
     generator = torch.Generator().manual_seed(0)
     for _ in range(0, training_images, 8):
-        model.gaussian.update(torch.randn(8, model.embedding_dim, 7, 7, generator=generator))
+        model.gaussian.update(torch.randn(8, *grid, generator=generator))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fewer images than dimensions: expected here
         model.gaussian.fit()

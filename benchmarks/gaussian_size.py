@@ -9,22 +9,17 @@ IR ``.bin`` converted from that ONNX, the eager head time (Mahalanobis step only
 medians of interleaved rounds) at batch 1 and 8, and the largest relative difference
 of the distances between the two.
 
-``--fit-memory`` instead fits the current Gaussians on 1536-dimensional features at
-9 positions for each N, one fresh process each, and prints the peak resident memory
-the fit added: rows are kept while there are fewer than 1536 of them, the 1536 x 1536
-scatter afterwards, so the peak stops growing at the switch.
+Fit memory: ``benchmarks/fit_memory.py``.
 
 Run from the repository root (about 10 minutes on 2 cores)::
 
     python benchmarks/gaussian_size.py --counts 60,200,391 --baseline 09eda79 --threads 1
-    python benchmarks/gaussian_size.py --fit-memory --counts 250,500,1000,1500,2000,3000 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import resource
 import subprocess
 import sys
 import tempfile
@@ -60,38 +55,11 @@ def baseline_class(commit: str, work: Path) -> type:
     return module.StreamingGaussian
 
 
-def synthetic_features(count: int, seed: int, side: int = POSITIONS_SIDE) -> torch.Tensor:
-    """(count, D, side, side) features whose variances fall off like a power law over the channels."""
+def synthetic_features(count: int, seed: int) -> torch.Tensor:
+    """(count, D, 7, 7) features whose variances fall off like a power law over the channels."""
     generator = torch.Generator().manual_seed(seed)
     spread = torch.arange(1, DIMS + 1, dtype=torch.float32).pow(-0.5).reshape(1, DIMS, 1, 1) * 4
-    return torch.randn(count, DIMS, side, side, generator=generator) * spread + 1.0
-
-
-def fit_memory_child(count: int) -> None:
-    """Fit on ``count`` images of 3x3 positions in batches of 32 and print the peak RSS the fit added (MiB)."""
-    gaussian = StreamingGaussian()
-    batches = (synthetic_features(min(32, count - first), seed=first, side=3) for first in range(0, count, 32))
-    gaussian.update(next(batches))  # the first batch warms up torch's kernels before the baseline is read
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for batch in batches:
-        gaussian.update(batch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gaussian.fit()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
-
-
-def fit_memory(counts: list[int], threads: int | None) -> None:
-    """One fresh process per N, so every peak is that fit's own."""
-    rows = []
-    for count in counts:
-        command = [sys.executable, __file__, "--fit-memory-child", str(count), "--threads", str(threads or 1)]
-        peak = float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
-        held_rows = count + (count - 1) // 32  # centred samples plus one row per merged batch of 32
-        rows.append([count, "rows" if held_rows < DIMS else "scatter", f"{peak:.0f}"])
-        print(markdown_table(["N", "held while fitting", "peak fit MiB"], rows[-1:]), flush=True)
-    print("\n## Fit memory of the current Gaussians, 9 positions x 1536 dimensions\n")
-    print(markdown_table(["N", "held while fitting", "peak fit MiB"], rows))
+    return torch.randn(count, DIMS, POSITIONS_SIDE, POSITIONS_SIDE, generator=generator) * spread + 1.0
 
 
 def fitted(gaussian: torch.nn.Module, train: torch.Tensor) -> torch.nn.Module:
@@ -121,18 +89,10 @@ def main() -> None:
     parser.add_argument("--counts", default="60,200,391", help="comma-separated numbers of training images")
     parser.add_argument("--baseline", default="09eda79", help="commit whose gaussian.py is compared")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--fit-memory", action="store_true", help="measure fit memory against N instead")
-    parser.add_argument("--fit-memory-child", type=int, help=argparse.SUPPRESS)
     add_threads_option(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
-    if args.fit_memory_child:
-        fit_memory_child(args.fit_memory_child)
-        return
     print(machine_summary(), "\n")
-    if args.fit_memory:
-        fit_memory([int(value) for value in args.counts.split(",")], args.threads)
-        return
     rows = []
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         work = Path(folder)

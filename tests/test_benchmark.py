@@ -12,7 +12,6 @@ import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from anomalib_contnet.backbones.weight_files import CACHE_ENV, WEIGHTS_ENV
 from anomalib_contnet.cli import main
@@ -409,6 +408,3 @@ def test_few_shot_mode_summarises_seeds_and_records_failed_runs(
     for row in (row for row in rows if row["status"] != "ok"):
         line = next(line for line in table.splitlines() if f"{row['model']} efficientnet_lite0 | 1 |" in line)
         assert line.rstrip(" |").split("|")[-1].strip().startswith(("1:", "2:"))  # failures counted, not averaged
-    with Image.open(out / "few_shot.png") as plot:
-        assert plot.format == "PNG"
-        assert min(plot.size) > 300

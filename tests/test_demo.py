@@ -50,16 +50,11 @@ def test_tiny_demo_writes_report_figures_and_an_openvino_model(
     for way_to_get_weights in ("weights download contnet_b", "weights import contnet_b", "ANOMALIB_CONTNET_WEIGHTS"):
         assert way_to_get_weights in report
     assert "![Predictions](predictions.png)" in report
-    assert "![ROC curves](roc.png)" in report
 
     grid = png(out / "predictions.png")
-    roc = png(out / "roc.png")
     assert grid.shape[1] >= 800  # four columns
     assert grid.shape[0] >= 200 * TINY_SIZES["samples"]  # one row per sample
-    assert roc.shape[0] >= 300
-    assert roc.shape[1] >= 2 * roc.shape[0] * 0.9  # image-level and pixel-level panels side by side
-    assert grid.std() > 10
-    assert roc.std() > 10  # drawn, not blank
+    assert grid.std() > 10  # drawn, not blank
 
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     for name in ("image_auroc", "pixel_auroc", "aupro"):
@@ -99,6 +94,6 @@ def test_contnet_b_without_weights_is_refused_with_the_ways_to_get_them(
     arguments = ["demo", "--tiny", "--backbone", "contnet_b", "--out", str(out), "--data-root", str(tiny_data)]
     assert main(arguments) == 2
     error = capsys.readouterr().err
-    assert "weights download contnet_b" in error
-    assert "--random-init" in error
+    assert "weights import contnet_b" in error
+    assert "ANOMALIB_CONTNET_WEIGHTS" in error
     assert not out.exists()

@@ -30,7 +30,7 @@ def test_gpu_check_runs_on_cpu_with_tiny_settings_and_writes_its_report(tmp_path
     report = (out / "gpu_check.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith("| float32") or line.startswith("| bfloat16")]
     assert len(rows) == 2
-    predict_rates = [float(row.split("|")[5]) for row in rows]
+    predict_rates = [float(row.split("|")[5].replace(",", "")) for row in rows]
     assert all(rate > 0 for rate in predict_rates)
     assert (out / "environment.txt").is_file()
     assert not list(out.glob("*.tmp"))

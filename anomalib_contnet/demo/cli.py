@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from anomalib_contnet.atomic_files import staged_folder
-from anomalib_contnet.backbones.weight_files import PUBLISHED_URLS, WEIGHTS_ENV, WeightsError, cached_weights_path
+from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, WeightsError, resolve_weights
 from anomalib_contnet.data import DatasetPrepareError
 from anomalib_contnet.data.elpv import seeded_order
-from anomalib_contnet.demo.figures import render_prediction_grid, render_roc_curves
 from anomalib_contnet.evaluation import configs
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, select_images
 from anomalib_contnet.evaluation.worker import JobSpec, fit, score
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``demo`` command to a parent parser's sub-commands."""
     parser = subparsers.add_parser(
         "demo",
-        help="offline end-to-end demo: data, training, test, OpenVINO export, report with figures",
+        help="offline end-to-end demo: data, training, test, OpenVINO export, report with a prediction grid",
         description=__doc__.split("\n\n")[1].replace("``", ""),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -55,7 +55,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--data-root", type=Path, default=Path("datasets"), help="dataset root")
     parser.add_argument("--category", default="brick", help="MVTec AD-layout category")
     parser.add_argument("--backbone", choices=("auto", "contnet_b", "efficientnet_lite0"), default="auto")
-    parser.add_argument("--random-init", action="store_true", help="allow contnet_b without its weights (untrained)")
     parser.add_argument("--max-train", type=int, default=60, help="training images")
     parser.add_argument("--max-test", type=int, default=40, help="test images")
     parser.add_argument("--samples", type=int, default=6, help="images in the prediction grid")
@@ -66,16 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def how_to_get_contnet_weights() -> str:
-    """The ways to provide the ConTNet-B checkpoint, as shell lines for the report and error messages."""
-    name = cached_weights_path("contnet_b").name
-    return (
-        f"To use the paper's ConTNet-B ImageNet weights ({name}), do one of:\n"
-        f"  anomalib-contnet weights download contnet_b            # needs internet ({PUBLISHED_URLS['contnet_b']})\n"
-        f"  anomalib-contnet weights import contnet_b /path/to/{name}\n"
-        f"  export {WEIGHTS_ENV}=/path/to/{name}\n"
-        f"(the cache file is {cached_weights_path('contnet_b')}), then run the demo again."
-    )
+HOW_TO_GET_CONTNET_WEIGHTS = (
+    "To run the paper's ConTNet-B instead: `anomalib-contnet weights download contnet_b` (needs internet), or "
+    f"`anomalib-contnet weights import contnet_b FILE`, or set {WEIGHTS_ENV}=FILE; then `--backbone contnet_b`."
+)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -94,15 +87,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> None:
     """Run every step in a staging folder and publish it as ``args.out``."""
-    contnet_found = configs.find_contnet_weights("contnet_b") is not None
-    if args.backbone == "contnet_b" and not (contnet_found or args.random_init):
-        msg = (
-            f"the ConTNet-B ImageNet weights are not on this machine.\n{how_to_get_contnet_weights()}\nOr run with "
-            "--random-init to see the pipeline with untrained ConTNet-B features (the maps then say nothing about "
-            "the method), or with --backbone efficientnet_lite0 / auto."
-        )
-        raise DemoError(msg)
-    paper = args.backbone == "contnet_b" or (args.backbone == "auto" and contnet_found)
+    if args.backbone == "contnet_b":
+        resolve_weights("contnet_b", download=False)  # without them: WeightsError, saying how to provide them
+    paper = args.backbone == "contnet_b" or (args.backbone == "auto" and configs.find_contnet_weights("contnet_b"))
     config = configs.MODEL_CONFIGS["contnet_padim_contnet_b" if paper else "contnet_padim_efficientnet_lite0"]
     if paper:
         weights = configs.resolve_job_weights(config, None, allow_download=False)
@@ -125,8 +112,7 @@ def run_demo(args: argparse.Namespace) -> None:
         print("[demo] fitting ConTNetPaDiM and scoring the test images ...", flush=True)
         model, engine, datamodule = fit(spec)
         engine.trainer.save_checkpoint(staging / "model.ckpt", weights_only=False)  # all of it, said explicitly
-        raw, metrics = score(model, datamodule, subset.pixel_labels)
-        render_roc_curves(raw, subset.pixel_labels, staging / "roc.png")
+        metrics = score(model, datamodule, subset.pixel_labels)[1]
         print("[demo] exporting to OpenVINO and predicting sample images ...", flush=True)
         from anomalib.deploy import ExportType  # noqa: PLC0415
 
@@ -194,6 +180,40 @@ def _predict_samples(model_xml: Path, subset: CategorySubset, count: int, seed: 
     return samples, 1000.0 * elapsed / len(samples)
 
 
+def render_prediction_grid(samples: list[dict[str, Any]], target: Path) -> None:
+    """One row per sample: image | ground truth | anomaly map over the image | predicted mask over the image.
+
+    Drawn on a ``Figure`` directly rather than through pyplot, so no GUI backend is chosen or changed.
+    """
+    figure = Figure(figsize=(12, 3.1 * len(samples)), layout="constrained")
+    figure.suptitle("Exported model (OpenVINO) on test images; green outline: true defect")
+    axes = figure.subplots(len(samples), 4, squeeze=False)
+    for row, sample in enumerate(samples):
+        truth = sample["truth"] if sample["truth"] is not None else np.zeros(sample["anomaly_map"].shape, dtype=bool)
+        if sample["truth"] is None:
+            truth_caption = "image label: " + ("anomalous (no mask)" if sample["labelled_anomalous"] else "normal")
+        else:
+            truth_caption = f"{int(truth.sum())} defect pixels" if truth.any() else "no defect"
+        captions = (
+            f"Image\n{sample['image']}",
+            f"Ground truth\n{truth_caption}",
+            f"Anomaly map\nscore {sample['score']:.2f}",
+            f"Predicted mask\npredicted {'anomalous' if sample['anomalous'] else 'normal'}",
+        )
+        for column, caption in enumerate(captions):
+            axes[row][column].imshow(truth if column == 1 else sample["picture"], cmap="gray", vmin=0, vmax=1)
+            axes[row][column].set_title(caption, fontsize=9)
+            axes[row][column].axis("off")
+        heat = axes[row][2].imshow(sample["anomaly_map"], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        figure.colorbar(heat, ax=axes[row][2], fraction=0.046, pad=0.02)
+        overlay = np.zeros((*truth.shape, 4))
+        overlay[sample["predicted_mask"]] = (1.0, 0.0, 0.0, 0.45)
+        axes[row][3].imshow(overlay)
+        if truth.any():
+            axes[row][3].contour(truth, levels=[0.5], colors="lime", linewidths=0.8)
+    figure.savefig(target, dpi=100)
+
+
 def _report(
     args: argparse.Namespace,
     config: configs.ModelConfig,
@@ -202,16 +222,10 @@ def _report(
     summary: dict[str, Any],
 ) -> str:
     """The markdown report (paths relative to the report's folder)."""
-    if weights_label == configs.RANDOM_INIT_LABEL:
-        weights_note = "**The features are untrained (random initialisation)**: the results show that the pipeline"
-        weights_note += (
-            f" runs, not how well ConTNet-B features detect anomalies.\n\n```\n{how_to_get_contnet_weights()}\n```"
-        )
-    elif config.backbone != "contnet_b":
+    weights_note = "These are the paper's backbone and weights."
+    if config.backbone != "contnet_b":
         weights_note = "This is not the paper's backbone: the results show what the ConTNetPaDiM method does with real"
-        weights_note += f" ImageNet features from a compact CNN.\n\n```\n{how_to_get_contnet_weights()}\n```"
-    else:
-        weights_note = "These are the paper's backbone and weights."
+        weights_note += f" ImageNet features from a compact CNN. {HOW_TO_GET_CONTNET_WEIGHTS}"
     raw = summary["raw"]
     lines = [
         "# anomalib-contnet demo",
@@ -235,8 +249,6 @@ def _report(
         "|---|---|---|",
         "| " + " | ".join("n/a" if value is None else f"{value:.3f}" for value in raw.values()) + " |",
         "",
-        "![ROC curves](roc.png)",
-        "",
         "## Exported model (OpenVINO)",
         "",
         "Exported with anomalib's `Engine.export` to `openvino/` and run with anomalib's `OpenVINOInferencer` "
@@ -252,7 +264,7 @@ def _report(
             for s in summary["samples"]
         ],
         "",
-        "Files: `metrics.json`, `roc.png`, `predictions.png`, `model.ckpt` (`ConTNetPaDiM.load_from_checkpoint`), "
+        "Files: `metrics.json`, `predictions.png`, `model.ckpt` (`ConTNetPaDiM.load_from_checkpoint`), "
         "`openvino/`, `data/` (the images used). Beside anomalib's models: `anomalib-contnet benchmark --help`.",
     ]
     return "\n".join(lines) + "\n"

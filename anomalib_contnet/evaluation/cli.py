@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Run every model configuration on every category, one process per job, on one seeded data subset "
             "(or every image: --max-train 0 --max-test 0); write benchmark.csv and benchmark.md under --out "
-            "(--few-shot: also few_shot.md and few_shot.png). Rerunning the same command skips finished jobs. "
+            "(--few-shot: also few_shot.md). Rerunning the same command skips finished jobs. "
             "Metrics are computed on raw scores. Backbones without offline ImageNet weights run with random "
             "initialisation and are labelled so."
         ),
@@ -64,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=_counts,
         default=None,
         help="training image counts (0 = all), e.g. 1,2,4,8: fit every configuration on N images drawn with "
-        "each of --seeds, score one test set, write few_shot.md and few_shot.png",
+        "each of --seeds, score one test set, write few_shot.md",
     )
     parser.add_argument("--seeds", type=_counts, default="0,1,2", help="seeds of the --few-shot training draws")
     parser.add_argument("--job-timeout", type=float, default=None, help="seconds before a job is killed")
@@ -76,23 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this run, every option spelled out (for the results' header)."""
-    words = ["anomalib-contnet", "benchmark"]
-    for name, value in vars(args).items():
-        skipped = {"group", "handler", "job_timeout", "keep_checkpoints", "max_train" if args.few_shot else "seeds"}
-        if name in skipped or value is None or value is False:  # (0 == False, but --max-train 0 is a value)
-            continue
-        option = "--" + name.replace("_", "-")
-        as_text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-        words += [option] if value is True else [option, as_text]
-    return shlex.join(words)
-
-
 def _run(args: argparse.Namespace) -> int:
     try:
         args.out = args.out.expanduser()
-        table = run_benchmark(args, _command(args))
+        table = run_benchmark(args)
     except (BenchmarkError, DatasetPrepareError, WeightsError, WeightConversionError, OSError) as error:
         print(f"anomalib-contnet benchmark: error: {error}", file=sys.stderr)
         return 2

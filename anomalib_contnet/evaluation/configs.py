@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from anomalib_contnet.backbones.contnet_configs import is_contnet
-from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, WeightsError, cached_weights_path, resolve_weights
+from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, WeightsError, resolve_weights
 
 __all__ = [
     "DEFAULT_CONFIG_NAMES",
@@ -109,12 +109,11 @@ def find_contnet_weights(variant: str, allow_download: bool = False) -> Path | N
     checks raise :class:`WeightsError`, because silently replacing them would mislabel results.
     With ``allow_download`` a missing file is downloaded, and a failed download raises.
     """
-    provided = bool(os.environ.get(WEIGHTS_ENV)) or cached_weights_path(variant).is_file()
-    if provided or allow_download:
-        return resolve_weights(variant, download=allow_download)
     try:
-        return resolve_weights(variant, download=False)
+        return resolve_weights(variant, download=allow_download)
     except WeightsError:
+        if allow_download or os.environ.get(WEIGHTS_ENV):
+            raise
         return None
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from anomalib_contnet.atomic_files import write_bytes_atomically, write_text_atomically
+from anomalib_contnet.atomic_files import write_text_atomically
 from anomalib_contnet.backbones.contnet_configs import is_contnet
 from anomalib_contnet.evaluation.configs import MODEL_CONFIGS, ModelConfig, resolve_job_weights
 from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES, PAPER_AUROC_PERCENT
@@ -58,15 +58,15 @@ class BenchmarkError(RuntimeError):
     """The benchmark cannot start as asked; the message says what to change."""
 
 
-def run_benchmark(args: argparse.Namespace, command: str) -> pd.DataFrame:
+def run_benchmark(args: argparse.Namespace) -> pd.DataFrame:
     """Benchmark ``args.configs`` on ``args.categories`` (the command's options); return the table's rows.
 
     Writes ``benchmark.csv`` and ``benchmark.md`` (jobs, then means) under ``args.out`` after every
     job, data subsets under ``data/`` and per job ``jobs/<id>/`` (spec, key, result, log). A failed job
     becomes a row with its reason. ``args.few_shot`` (training image counts, 0 = all): every configuration
     is fitted on N images drawn with each of ``args.seeds`` and scored on one test set, in this process
-    (no per-job memory: starting a process would cost more than such a job); ``few_shot.md`` and
-    ``few_shot.png`` give the mean and standard error over the seeds.
+    (no per-job memory: starting a process would cost more than such a job); ``few_shot.md`` gives the
+    mean and standard error over the seeds.
     """
     log = functools.partial(print, flush=True)  # a log file sees progress as it happens
     unknown = sorted(set(args.configs) - set(MODEL_CONFIGS))
@@ -94,7 +94,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> pd.DataFrame:
 
         lite0 = offline_efficientnet_lite0()
     weights = {config.name: resolve_job_weights(config, lite0, args.allow_download) for config in configs}
-    header = _header(started, command, args, [subset for subset, _, _ in draws])
+    header = _header(started, args, [subset for subset, _, _ in draws])
     rows: list[dict[str, Any]] = []
     jobs = [(subset, draw, suffix, config) for subset, draw, suffix in draws for config in configs]
     for index, (subset, draw, suffix, config) in enumerate(jobs, start=1):
@@ -131,7 +131,7 @@ def run_benchmark(args: argparse.Namespace, command: str) -> pd.DataFrame:
         table = _write_tables(rows, args.out, header, means=not args.few_shot)
     if args.few_shot:
         _write_few_shot(table, args.out, header)
-        log(f"wrote {args.out / 'few_shot.md'} and {args.out / 'few_shot.png'}")
+        log(f"wrote {args.out / 'few_shot.md'}")
     log(f"wrote {args.out / 'benchmark.csv'}, {args.out / 'benchmark.md'}")
     return table
 
@@ -253,7 +253,7 @@ def _write_tables(rows: list[dict[str, Any]], out: Path, header: list[str], mean
 
 
 def _write_few_shot(table: pd.DataFrame, out: Path, header: list[str]) -> None:
-    """``few_shot.md``: mean ± standard error over the seeds that succeeded, per category, model and N; and the plot.
+    """``few_shot.md``: mean ± standard error over the seeds that succeeded, per category, model and N.
 
     A failed run is counted as such and left out of the means and the plot, never averaged.
     """
@@ -270,52 +270,6 @@ def _write_few_shot(table: pd.DataFrame, out: Path, header: list[str]) -> None:
     summary["failed"] = [f"{len(failed)}: {failed[0][:100]}" if failed else "" for failed in failures]
     notes = ["Mean ± standard error over the seeds that succeeded; n/a: no run succeeded or no pixel labels."]
     write_text_atomically(out / "few_shot.md", _markdown("Few-shot results", header, summary, notes))
-    _plot_few_shot(points, out / "few_shot.png")
-
-
-def _plot_few_shot(points: pd.DataFrame, target: Path) -> None:
-    """Image (top) and pixel (bottom) AUROC against N, one column per category, error bars of one standard error."""
-    import io  # noqa: PLC0415
-
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    categories = points.index.unique("category")
-    models = list(points.index.unique("model"))
-    figure = Figure(figsize=(5.0 * len(categories), 7.5), layout="constrained")
-    grid = figure.subplots(2, len(categories), squeeze=False, sharex=True)
-    counts = sorted(points.index.unique("n_train"))
-    for column, category in enumerate(categories):
-        for row, metric in enumerate(("image_auroc", "pixel_auroc")):
-            axes, label = grid[row][column], metric.replace("_auroc", " AUROC")
-            for model, curve in points.loc[category].groupby(level="model"):
-                curve = curve.droplevel("model")[metric].dropna(subset=["mean"])
-                if curve.empty:  # an empty error bar would still count as data and hide the note below
-                    continue
-                axes.errorbar(
-                    curve.index,
-                    curve["mean"],
-                    yerr=curve["sem"].fillna(0.0),
-                    marker="o",
-                    capsize=3,
-                    color=f"C{models.index(model)}",
-                    label=model,
-                )
-            if not axes.has_data():
-                axes.text(
-                    0.5, 0.5, "no pixel labels" if row else "no run succeeded", ha="center", transform=axes.transAxes
-                )
-                axes.set_yticks([])
-            axes.set_xscale("log", base=2)
-            axes.set_xticks(counts, labels=[str(count) for count in counts])
-            axes.set_ylabel(f"{label} (mean ± s.e.)")
-            axes.set_title(f"{category}: {label}", fontsize=10)
-            axes.grid(visible=True, alpha=0.3)
-        grid[1][column].set_xlabel("training images N (count, log scale)")
-    handles = [grid[0][0].plot([], [], marker="o", color=f"C{index}")[0] for index in range(len(models))]
-    figure.legend(handles, models, loc="outside lower center", ncols=2, fontsize=9)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    write_bytes_atomically(target, buffer.getvalue())
 
 
 def _markdown(title: str, header: list[str], table: pd.DataFrame, notes: list[str]) -> str:
@@ -333,13 +287,13 @@ def _markdown(title: str, header: list[str], table: pd.DataFrame, notes: list[st
     return "\n".join([*lines, "", *notes]) + "\n"
 
 
-def _header(started: datetime, command: str, args: argparse.Namespace, subsets: list[CategorySubset]) -> list[str]:
-    """Lines for the markdown header: what ran, where, on which data (one line per category)."""
+def _header(started: datetime, args: argparse.Namespace, subsets: list[CategorySubset]) -> list[str]:
+    """Lines for the markdown header: what ran, where, with which options, on which data (one line per category)."""
     versions = ", ".join(f"{name} {_version(name)}" for name in ("anomalib", "torch", "timm", "anomalib-contnet"))
     lines = [
         f"Run: {started:%Y-%m-%d %H:%M UTC} on {platform.machine()} with {os.cpu_count()} CPU cores "
         f"(Python {platform.python_version()}; {versions}).",
-        f"Command: `{command}`",
+        "Options: " + ", ".join(f"{name}={value}" for name, value in vars(args).items() if name != "handler"),
         f"Protocol: input {args.image_size}x{args.image_size} px (resize, no crop) for every model; seed {args.seed}; "
         f"metrics on raw scores (no post-processing); Patchcore coreset ratio {args.coreset_ratio} (anomalib's "
         "default is 0.1).",

@@ -1,7 +1,7 @@
 """The one fit-and-score path of the benchmark and the demo; a benchmark job runs it in a process of its own.
 
 ``python -m anomalib_contnet.evaluation.worker SPEC RESULT``: a process per job makes peak memory
-that job's alone (``VmHWM``; ``getrusage`` in the parent would report the larger of parent and child),
+that job's alone (its own ``getrusage``; in the parent it would report the larger of parent and child),
 gives each job its own environment (``ANOMALIB_CONTNET_WEIGHTS`` for anomalib's models on ConTNet)
 and lets a job that runs out of memory fail alone. The result is a JSON file: the metrics, or the error.
 
@@ -15,6 +15,7 @@ scores tie and the area collapses towards 0.5 (scores ``[20, 25, 30, 18, 22, 40]
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 import traceback
@@ -27,7 +28,7 @@ import torch
 from anomalib_contnet.atomic_files import write_text_atomically
 from anomalib_contnet.warning_filters import install_warning_filters
 
-__all__ = ["JobSpec", "auroc", "build_model", "fit", "main", "run_job", "score"]
+__all__ = ["JobSpec", "auroc", "fit", "main", "run_job", "score"]
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,7 @@ class JobSpec:
     keep_checkpoint: bool = False
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process since exec (Linux ``VmHWM``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    msg = "/proc/self/status has no VmHWM line"
-    raise RuntimeError(msg)
-
-
-def build_model(spec: JobSpec) -> Any:  # an AnomalibModule; typed loosely to keep anomalib out of module import
+def _build_model(spec: JobSpec) -> Any:  # an AnomalibModule; typed loosely to keep anomalib out of module import
     """The model, without evaluator and visualizer (and without post-processor unless asked)."""
     from anomalib.models import MHPatchcore, Padim, Patchcore  # noqa: PLC0415  (after the environment is final)
 
@@ -89,7 +81,7 @@ def fit(spec: JobSpec) -> tuple[Any, Any, Any]:
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
     seed_everything(spec.seed, workers=True, verbose=False)  # random initialisation, channel subsets, coreset start
-    model = build_model(spec)
+    model = _build_model(spec)
     batch = {"train_batch_size": 8, "eval_batch_size": 8}
     datamodule = MVTecAD(root=spec.dataset_root, category=spec.category, num_workers=0, **batch)
     datamodule.setup()
@@ -184,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     spec_path, result_path = sys.argv[1:] if argv is None else argv
     install_warning_filters()
     result = run_job(JobSpec(**json.loads(Path(spec_path).read_text(encoding="utf-8"))))
-    result["peak_rss_mb"] = peak_rss_bytes() / 2**20
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     write_text_atomically(Path(result_path), json.dumps(result, indent=1) + "\n")
     return 0 if result["status"] == "ok" else 1
 
