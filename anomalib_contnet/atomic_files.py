@@ -1,13 +1,9 @@
 """Writing files and folders so that a reader sees the old version or the new one, never half of one.
 
-The files this package writes for a user (converted weights, datasets, exports,
-benchmark results, the demo's report) go through here; downloads go through
-``torch.hub.download_url_to_file``, which does the same: a file is written to a
-uniquely named temporary file beside its target and renamed over it; a folder is
-filled under a temporary name beside its target and swapped in, the older folder
-being renamed out of the way first and deleted only once the new one is in place.
-Temporary names sit in the target's own folder, so every rename stays on one file
-system and is atomic.
+The files this package writes for a user (converted weights, datasets, exports, benchmark
+results, the demo's report) are written under a temporary name beside their target and
+renamed into place (one file system, so the rename is atomic); a replaced folder is deleted
+only once the new one is in place. Downloads get the same from ``torch.hub.download_url_to_file``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
-"""Make anomalib's name-based look-ups find this plugin's classes: ``ConTNetPaDiM``, and the ``MVTec`` alias.
+"""Make anomalib's name-based look-ups find ``ConTNetPaDiM`` and the ``MVTec`` datamodule alias.
 
-anomalib 2.7 resolves ``get_model({"class_path": "X"})`` (and so ``anomalib
-benchmark``) as an attribute of ``anomalib.models``, and ``get_datamodule`` as an
-attribute of ``anomalib.data``; it reads no entry points. Publishing our classes
-there is the only way its stock tools can name them without a dotted path.
-``anomalib.models.get_model("ConTNetPaDiM")`` and the CLI's ``--model
-ConTNetPaDiM`` need nothing more than the class being imported, since they look
-at the subclasses of ``AnomalibModule``.
-
-``MVTec`` is anomalib 1.x's name for the MVTec AD datamodule. Users (and many
-tutorials) write ``anomalib train --data MVTec``; anomalib 2.x renamed the class
-to ``MVTecAD``. The subclass here changes nothing but the name, so both
-spellings select the same datamodule.
+anomalib 2.7 reads no entry points: ``get_model({"class_path": "X"})`` (and so ``anomalib
+benchmark``) looks ``X`` up on ``anomalib.models``, ``get_datamodule`` on ``anomalib.data``.
+``MVTec`` is anomalib 1.x's name for ``MVTecAD``, still in many tutorials
+(``anomalib train --data MVTec``); the subclass changes nothing but the name.
 """
 
 from __future__ import annotations

@@ -1,27 +1,17 @@
 """ConTNet: convolution + patch-wise transformer backbone (Yan et al. 2021, arXiv 2104.13497).
 
-A clean-room implementation written from the published architecture facts (see
-``shared/contnet/SPEC.md`` in the project history). Parameter names, shapes and
-their order equal the authors' released checkpoints, so those files load with
-strict key matching and give the published features.
+A clean-room implementation of the published architecture (``shared/contnet/SPEC.md`` in
+the project history) whose parameter names, shapes and order equal the authors' released
+checkpoints, so those load strictly. Variants are rows of
+:data:`~anomalib_contnet.backbones.contnet_configs.CONTNET_CFGS`; :func:`contnet_from_config`
+builds one, called by timm's builder (:mod:`anomalib_contnet.backbones.timm_contnet`).
 
-Layout follows timm's habits: every variant is one row of
-:data:`~anomalib_contnet.backbones.contnet_configs.CONTNET_CFGS`, and
-:func:`contnet_from_config` is the single step from a row to a model, called by timm's
-builder for the ``contnet_*`` entry points (:mod:`anomalib_contnet.backbones.timm_contnet`),
-which also load the pretrained weights. ``timm.create_model("contnet_b")`` builds an untrained network.
+The down-sampling blocks have two shortcut options (a strided 1x1 convolution, or
+``avg_down``: 2x2 average pooling, then a 1x1 convolution): two networks whose checkpoints
+differ only in the spelling of three keys, so keys are never renamed from one into the other.
 
-The two shortcut options of the down-sampling blocks (a strided 1x1 convolution,
-or the authors' ``avg_down``: 2x2 average pooling, then a stride-1 1x1
-convolution) are two different networks whose checkpoints differ only in the
-spelling of three keys. Keys are therefore never renamed from one spelling into
-the other: :func:`~anomalib_contnet.backbones.contnet_configs.shortcut_of_state_dict`
-reads which network a checkpoint is, and the network built for it is that one.
-
-Any input of at least 32x32 pixels runs: the patch-wise encoders pad their map
-to whole patches and mask the padding out of attention (see
-:class:`PatchwiseTransformerEncoder`); multiples of 224 need no padding and
-compute exactly the published network.
+Any input of at least 32x32 pixels runs (the encoders pad to whole patches and mask the
+padding out of attention); multiples of 224 compute exactly the published network.
 """
 
 from __future__ import annotations
@@ -132,15 +122,12 @@ def onednn_linear_applies(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(tokens: torch.Tensor, layer: nn.Linear, *, gelu: bool = False) -> torch.Tensor:
-    """``layer(tokens)``, followed by exact (erf) GELU when asked; through oneDNN for CPU float32 inference.
+    """``layer(tokens)``, then exact (erf) GELU when asked; through oneDNN for CPU float32 inference.
 
-    torch's float32 ``F.linear`` on the CPU runs MKL's sgemm, which on AMD CPUs
-    reaches about half of oneDNN's rate for the encoders' products (104 against
-    232 GFLOP/s for 1568x512 by 512x2048 on an AVX-512 EPYC, one thread). oneDNN's
-    linear primitive also applies GELU while the result is in cache. torch exposes
-    that primitive only as ``torch.ops.mkldnn._linear_pointwise`` (the operator
-    Inductor emits for CPU linear layers); :func:`onednn_linear_applies` keeps every
-    other case on ``F.linear``. Results equal ``F.linear`` to float32 rounding.
+    torch's float32 ``F.linear`` runs MKL's sgemm, at about half of oneDNN's rate on AMD
+    CPUs (104 against 232 GFLOP/s for the encoders' products on an AVX-512 EPYC), and
+    oneDNN applies GELU while the result is in cache. torch exposes that primitive only as
+    ``torch.ops.mkldnn._linear_pointwise`` (what Inductor emits for CPU linear layers).
     """
     if onednn_linear_applies(tokens, layer.weight):
         activation, algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": erf GELU, not tanh
@@ -191,22 +178,14 @@ class FeedForward(nn.Module):
 class PatchwiseTransformerEncoder(nn.Module):
     """Post-norm transformer layer applied independently inside non-overlapping ``patch_size`` patches.
 
-    Attention never crosses patch borders: each PxP patch of the feature map is
-    one sequence of P*P tokens. A separable learned position encoding (rows on
-    the first half of the channels, columns on the second) is added first.
+    Each PxP patch of the map is one sequence of P*P tokens; a separable learned position
+    encoding (rows on the first half of the channels, columns on the second) is added first.
 
-    Maps whose sides are not multiples of P (in some stage, for every image side
-    that is not a multiple of 224) are padded at the bottom and right to whole patches, encoded,
-    and cropped back. The padding tokens are masked out of attention as keys, so
-    no real token attends to them: a border patch that is only partly inside the
-    map is encoded exactly as a transformer over its real tokens alone, each at its
-    own position encoding. Without the mask the padding would enter every softmax
-    of the border patches as if it were image content, so the features there would
-    change with the amount of padding, i.e. with the input size, and could not be
-    compared across sizes. Padded tokens still pass through the layer (as queries,
-    they attend to the real tokens only, so they stay finite) and are then
-    discarded. A map that needs no padding takes the unmasked path, with no extra
-    operation, so multiples of 224 compute exactly the published architecture.
+    Maps whose sides are not multiples of P are padded at the bottom and right to whole
+    patches, encoded and cropped back. The padding is masked out of attention as keys, so a
+    border patch is encoded exactly as a transformer over its real tokens alone; unmasked,
+    padding would enter the softmax like image content and the features would change with
+    the input size. Maps needing no padding take the unmasked path, the published computation.
     """
 
     def __init__(self, dim: int, patch_size: int, num_heads: int, mlp_dim: int, dropout: float) -> None:

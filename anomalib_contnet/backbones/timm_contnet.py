@@ -1,17 +1,13 @@
 """ConTNet in timm's model registry, and the loading of its ImageNet weights.
 
-Registering ``contnet_ti/s/m/b`` the way timm's own model files do (default configs
-with the published downloads, ``register_model``, ``build_model_with_cfg``) makes
-every anomalib model that takes a timm backbone name (Padim, Patchcore, ...) accept
-them; ``features_only=True`` names the stages ``layer0`` .. ``layer4``.
+Registered as timm's own model files do (``default_cfgs`` with the published downloads,
+``register_model``, ``build_model_with_cfg``), ``contnet_ti/s/m/b`` work in every anomalib
+model that takes a timm backbone name; ``features_only=True`` names the stages ``layer0`` .. ``layer4``.
 
-``pretrained=True`` takes the file from the package's lookup
-(:func:`~anomalib_contnet.backbones.weight_files.resolve_weights`, which an explicit
-``pretrained_cfg_overlay=dict(file=...)`` or ``url=...`` overrides), never from the
-Hugging Face Hub and never silently random. The file's keys decide which of the two
-shortcut networks is built; timm then reads it once with its own ``load_state_dict``
-(which opens ``{"model": ...}`` wrappers and drops ``module.`` prefixes), and the
-checkpoint filter checks every key, shape and value before anything loads.
+``pretrained=True`` takes the file from :func:`~anomalib_contnet.backbones.weight_files.resolve_weights`
+(``pretrained_cfg_overlay=dict(file=...)`` or ``url=...`` override it), never silently random.
+The file's keys decide which shortcut network is built; timm reads it once (unwrapping
+``{"model": ...}`` and ``module.``), and the checkpoint filter refuses it whole if it does not fit.
 """
 
 from __future__ import annotations

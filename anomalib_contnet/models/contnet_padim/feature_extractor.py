@@ -1,17 +1,9 @@
 """The frozen backbone: feature maps of chosen stages of any timm model, ConTNet included.
 
-Every backbone, ConTNet's ``contnet_*`` variants as much as resnets or
-EfficientNets, is built by ``timm.create_model(..., features_only=True)``
-(:mod:`anomalib_contnet.backbones.timm_contnet` registers ConTNet there), so
-there is one feature path to export, test and time. The backbone is kept in
-eval mode for good: batch-norm statistics and dropout of a pretrained network
-must not change while Gaussians are fitted.
-
-Extractors are always built with seeded untrained weights; the pretrained ones
-are loaded by :meth:`FrozenFeatureExtractor.load_pretrained`, which the model
-calls only when it is about to be fitted. A trained checkpoint holds every
-backbone weight, so loading one (``load_from_checkpoint``, ``--ckpt_path``)
-never looks for the ImageNet file: it works offline, after that file is gone.
+Every backbone is built by ``timm.create_model(..., features_only=True)``, so there is one
+feature path to export, test and time. It starts with seeded untrained weights; the
+pretrained ones are loaded only when a fit starts (:meth:`FrozenFeatureExtractor.load_pretrained`),
+so a trained checkpoint, which holds every backbone weight, never needs the ImageNet file.
 """
 
 from __future__ import annotations

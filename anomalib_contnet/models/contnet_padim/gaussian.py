@@ -90,6 +90,12 @@ class _Moments:
         mean = samples.mean(dim=1)
         return cls(samples.shape[1], mean, rows=samples - mean.unsqueeze(1))
 
+    def to(self, device: torch.device | str) -> _Moments:
+        """The same moments on ``device``."""
+        rows = None if self.rows is None else self.rows.to(device)
+        matrix = None if self.matrix is None else self.matrix.to(device)
+        return _Moments(self.count, self.mean.to(device), rows=rows, matrix=matrix)
+
     @property
     def dims(self) -> int:
         return self.mean.shape[-1]
@@ -196,48 +202,19 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
     def _merge_across_processes(self) -> _Moments | None:
         """The moments of all distributed processes (DDP) together, on every process; None without samples.
 
-        Every process gathers every other one's count, mean and scatter (rows padded
-        with zero rows to a common number, which adds nothing) and merges them in rank
-        order, so all end with the same Gaussians, those of one process fitted on all
-        images. A process that saw no real sample (only DistributedSampler padding,
-        e.g. 3 images on 4 processes) takes part with a count of zero.
+        Every process gathers every other one's moments (``all_gather_object``, through
+        the CPU) and merges them in rank order, so all end with the same Gaussians, those
+        of one process fitted on all images. A process that saw no real sample (only
+        DistributedSampler padding, e.g. 3 images on 4 processes) contributes nothing.
         """
-        moments = self._moments
         if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
-            return moments
-        device = self.mean.device  # where the module lives: a device the process group can use
-        local = [0.0, 0.0, 0.0, 0.0]  # count, positions, dims, rows (-1: held as a matrix)
-        if moments is not None:
-            rows = -1 if moments.rows is None else moments.rows.shape[1]
-            local = [float(moments.count), *map(float, moments.mean.shape), float(rows)]
-        table = torch.tensor(local, dtype=torch.float64, device=device)
-        gathered = [torch.empty_like(table) for _ in range(distributed.get_world_size())]
-        distributed.all_gather(gathered, table)
-        sizes = torch.stack(gathered).cpu()
-        if sizes[:, 0].sum() == 0:
-            return None
-        positions, dims = int(sizes[:, 1].max()), int(sizes[:, 2].max())
-        as_matrix = bool((sizes[:, 3] < 0).any()) or int(sizes[:, 3].clamp_min(0).sum()) >= dims
-        width = dims if as_matrix else int(sizes[:, 3].max())
-        options = {"dtype": torch.float64, "device": device}
-        mean = moments.mean.to(device) if moments is not None else torch.zeros(positions, dims, **options)
-        if as_matrix:
-            payload = moments.scatter_matrix() if moments is not None else torch.zeros(positions, dims, dims, **options)
-        else:
-            payload = torch.zeros(positions, width, dims, **options)
-            if moments is not None:
-                payload[:, : moments.rows.shape[1]] = moments.rows
-        means = [torch.empty_like(mean) for _ in gathered]
-        payloads = [torch.empty_like(payload) for _ in gathered]
-        distributed.all_gather(means, mean)
-        distributed.all_gather(payloads, payload.to(device))
+            return self._moments
+        gathered: list[_Moments | None] = [None] * distributed.get_world_size()
+        distributed.all_gather_object(gathered, None if self._moments is None else self._moments.to("cpu"))
         merged = None
-        for size, group_mean, group_payload in zip(sizes, means, payloads, strict=True):
-            if size[0] == 0:
-                continue
-            group = _Moments(int(size[0]), group_mean, **{"matrix" if as_matrix else "rows": group_payload})
+        for group in filter(None, gathered):
             merged = group if merged is None else merged.merged(group)
-        return merged
+        return None if merged is None else merged.to(self.mean.device)
 
     @torch.no_grad()
     def fit(self) -> None:

@@ -179,11 +179,9 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     def setup(self, stage: str) -> None:
         """Load the backbone's pretrained weights when a fit starts, and only then.
 
-        Only fitting needs them: a trained checkpoint holds every backbone weight,
-        so testing, predicting or exporting one never looks for the ImageNet file
-        (which may be gone, or be a URL on an offline machine). Lightning calls this
-        on every process before the model is moved or wrapped for DDP and before a
-        checkpoint is restored.
+        A trained checkpoint holds every backbone weight, so testing, predicting or exporting
+        one never looks for the ImageNet file (gone, or a URL on an offline machine). Lightning
+        calls this on every process before DDP wraps the model and before a checkpoint is restored.
         """
         super().setup(stage)
         if stage != TrainerFn.FITTING or self._backbone_weights_in_place:
@@ -218,10 +216,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> torch.Tensor:  # noqa: ARG002 (Lightning signature)
         """Add the batch's patch embeddings to the running Gaussian statistics (NaN/Inf features are refused).
 
-        Returns a constant placeholder loss, connected to no parameter. Lightning
-        needs a step output under distributed strategies, and its optimisation loop
-        (with its mock optimizer, as nothing is optimised) is what advances the
-        global step that anomalib's checkpoint callback waits for before saving.
+        The constant placeholder loss lets Lightning's loop advance the global step, which
+        anomalib's checkpoint callback waits for, and DDP have a step output.
         """
         refuse_high_bit_depth(batch.image_path)
         embedding = self.model.extract_embedding(batch.image)
@@ -233,10 +229,9 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     def _not_padding(self, batch_size: int) -> torch.Tensor | None:
         """Mask of the samples that are not DistributedSampler padding, or None when nothing is padded.
 
-        DistributedSampler repeats samples so that every process gets the same
-        number; counted twice they would bias the Gaussian. Padding takes the
-        positions past the dataset length in the interleaved order, where this
-        process's k-th sample sits at position ``rank + k * world_size``.
+        The sampler repeats samples so that every process gets as many, which would bias the
+        Gaussian; the repeats sit past the dataset length in its interleaved order, where this
+        process's k-th sample is at ``rank + k * world_size``.
         """
         first = self._train_samples_seen
         self._train_samples_seen += batch_size
@@ -253,9 +248,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     def fit(self) -> None:
         """Turn the statistics of all training batches (of all processes) into the Gaussians.
 
-        The memory-bank hooks also call this before validation. Outside training,
-        with no statistics, a fitted Gaussian (set up by hand) is kept, and an
-        unfitted one is reported as such rather than as an empty training set.
+        Outside training (anomalib's memory-bank hooks call this before validation too),
+        without statistics, a fitted Gaussian is kept and an unfitted one is reported as such.
         """
         gaussian = self.model.gaussian
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
@@ -286,10 +280,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with the reason, another model's checkpoint, another format, or NaN/Inf weights or Gaussians.
 
-        Runs for ``load_from_checkpoint`` and for ``engine.*(ckpt_path=...)`` before any
-        state is loaded (Lightning's strict ``load_state_dict`` then checks names and
-        shapes), so a refused checkpoint leaves the model as it was. The ImageNet file is
-        never looked up: the checkpoint holds every backbone weight (see :meth:`setup`).
+        Runs before any state is loaded (Lightning's strict ``load_state_dict`` then checks
+        names and shapes), so a refused checkpoint leaves the model as it was.
         """
         version = checkpoint.get(FORMAT_KEY)
         if version is None:

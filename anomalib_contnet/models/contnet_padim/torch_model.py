@@ -44,18 +44,8 @@ class NonFiniteError(FloatingPointError):
 class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
     """Patch features of chosen backbone stages, modelled by one Gaussian per patch position.
 
-    Args:
-        backbone: ``contnet_b`` (the paper), another ConTNet variant, or a timm model name.
-        layers: stages whose features are concatenated per patch position; stages
-            on a coarser grid are upsampled (nearest neighbour, i.e. each coarse
-            patch is repeated over the finer patches it covers, PaDiM's choice) to the
-            finest selected grid.
-        pre_trained: load ImageNet weights for the backbone.
-        weights: local path or URL of backbone weights (see ``anomalib_contnet.backbones.weight_files``).
-        n_features: keep only this many randomly chosen embedding channels (all when ``None``).
-        feature_seed: seed of that random choice; the chosen indices are saved with the model.
-        epsilon: covariance regulariser.
-        sigma: standard deviation of the anomaly-map smoothing.
+    Arguments as :class:`~anomalib_contnet.models.contnet_padim.lightning_model.ConTNetPaDiM`'s. Stages on
+    a coarser grid are upsampled to the finest selected one by nearest neighbour (PaDiM's choice).
 
     Lightning's ``precision`` trainer setting (``"bf16-mixed"``, ``"16-mixed"``) runs the
     backbone under autocast; the Gaussians and the anomaly map stay float32 whatever it says.
