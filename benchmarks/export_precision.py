@@ -171,7 +171,7 @@ def main() -> None:
         for name, actual in outputs.items()
     ]
     default_hint = ov.Core().compile_model(paths["FP32"], "CPU").get_property("INFERENCE_PRECISION_HINT").to_string()
-    dimensions = model.model.embedding_dim
+    dimensions = model.model.feature_index.numel()
     print(f"\n{arguments.backbone}, {dimensions} dimensions, {len(labels)} test images ({labels.sum()} defective)")
     print(f"the CPU default hint here is {default_hint}")
     state_mib = sum(tensor.nbytes for tensor in model.state_dict().values()) / 2**20

@@ -62,7 +62,7 @@ def _fit_contnet_padim(setting: dict[str, Any], generator: torch.Generator) -> f
             if setting["input"] == "images":
                 embedding = model.extract_embedding(torch.randn(size, 3, SIDE, SIDE, generator=generator))
             else:
-                embedding = torch.randn(size, model.embedding_dim, grid, grid, generator=generator)
+                embedding = torch.randn(size, model.feature_index.numel(), grid, grid, generator=generator)
             model.gaussian.update(embedding)
         model.gaussian.fit()
     return built_rss

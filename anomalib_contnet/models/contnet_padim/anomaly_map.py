@@ -1,13 +1,10 @@
 """From per-patch distances to a full-resolution anomaly map (Section 4.2 of the paper).
 
-Bilinear upsampling and Gaussian smoothing with reflected borders are both linear
-and separable: each acts on rows and columns independently. Their composition is
-therefore ``A · D · Bᵀ`` for a (H, h) matrix ``A`` and a (W, w) matrix ``B``, where
-``D`` is the (h, w) distance map. Building ``A`` and ``B`` takes two tiny 1-D
-interpolations and blurs of an identity matrix; applying them costs two small
-matrix products per image, against a 33x33 convolution over every pixel of the
-upsampled map (which cost more than the Mahalanobis step itself). The result is
-the same map up to float32 rounding.
+Bilinear upsampling and Gaussian smoothing with reflected borders are both linear and
+separable, so their composition is ``A · D · Bᵀ`` for the (h, w) distance map ``D`` and
+(H, h), (W, w) matrices ``A``, ``B`` obtained by upsampling and blurring identity matrices:
+two small products per image instead of a 33x33 convolution over every pixel (which cost
+more than the Mahalanobis step). The map is the same up to float32 rounding.
 """
 
 from __future__ import annotations

@@ -30,9 +30,8 @@ UNTRAINED_INIT_SEED = 0
 class FrozenFeatureExtractor(nn.Module):
     """Features of a timm model's stages, selected by the module names timm reports in ``feature_info``.
 
-    The backbone holds every stage up to the deepest requested one and nothing
-    after it (timm drops the rest); :meth:`forward` returns the requested maps.
-    ConTNet's stages are named ``layer0`` .. ``layer4``.
+    The backbone holds the stages up to the deepest requested one (timm drops the rest); it
+    stays in eval mode for good, as a pretrained network's batch-norm statistics must not change.
 
     Attributes:
         name: the timm model name.

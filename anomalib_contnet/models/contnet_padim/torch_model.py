@@ -89,11 +89,6 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         return torch.randperm(total, generator=generator)[:n_features].sort().values
 
     @property
-    def embedding_dim(self) -> int:
-        """Dimension of the per-patch embedding the Gaussians live in."""
-        return self.feature_index.numel()
-
-    @property
     def tiler(self) -> Tiler | None:
         """The anomalib ``Tiler`` the input is cut with, or ``None`` (no tiling)."""
         return self._tiler
