@@ -7,16 +7,20 @@ eager forward per request. The parent alternates the workers round by round (A B
 ``--pairs`` fresh pairs, since where a process's memory lies can move its speed for its whole life.
 Reported: median time new / baseline (above 1 = slower), wall and CPU time, and the per-round range.
 ``--new`` equal to ``--baseline`` is the A/A run that shows the noise level: run one beside every
-comparison. Method and results: docs/performance.md, section 10. From the repository root::
+comparison. ``--fit-images N`` times a whole ``Engine.fit`` of ``ConTNetPaDiM`` on N generated PNG files
+per request instead of one forward. Method and results: docs/performance.md, sections 10 and 11.
+From the repository root::
 
     python benchmarks/predict_speed_vs_commit.py --baseline 09eda79 --sizes 224 --pairs 2 --rounds 5
     python benchmarks/predict_speed_vs_commit.py --baseline 09eda79 --new 09eda79 --sizes 224 --pairs 2 --rounds 5
     python benchmarks/predict_speed_vs_commit.py --sizes 1024 --n-features 100 --batch 2 --rounds 3
+    python benchmarks/predict_speed_vs_commit.py --baseline 385760d --fit-images 48 --pairs 1 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -28,8 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from _common import fit_on_random_embeddings, machine_summary, markdown_table, median
+from PIL import Image
 
 SCRIPT = Path(__file__).resolve()
 REPOSITORY = SCRIPT.parent.parent
@@ -61,6 +67,9 @@ def serve(setting: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     if not Path(anomalib_contnet.__file__).resolve().is_relative_to(Path(setting["tree"]).resolve()):
         raise RuntimeError(f"{PACKAGE} was imported from {anomalib_contnet.__file__}, not from {setting['tree']}")
+    if setting["fit_folder"]:
+        serve_fits(anomalib_contnet, setting)
+        return
     torch.manual_seed(0)
     model = anomalib_contnet.ConTNetPaDiMModel(
         backbone=setting["backbone"], pre_trained=False, n_features=setting["n_features"]
@@ -75,6 +84,38 @@ def serve(setting: dict[str, Any]) -> None:
             start, start_cpu = time.perf_counter(), time.process_time()
             model(images)
             print(json.dumps([time.perf_counter() - start, time.process_time() - start_cpu]), flush=True)
+
+
+def serve_fits(anomalib_contnet: Any, setting: dict[str, Any]) -> None:
+    """Worker of ``--fit-images``: one ``Engine.fit`` on the generated folder per line read from stdin."""
+    from anomalib.data import Folder  # noqa: PLC0415  (the package's own anomalib, imported after the pinning)
+    from anomalib.engine import Engine  # noqa: PLC0415
+
+    def fit() -> Any:
+        torch.manual_seed(0)
+        model = anomalib_contnet.ConTNetPaDiM(
+            backbone=setting["backbone"], pre_trained=False, n_features=setting["n_features"], evaluator=False
+        )
+        data = Folder(name="fit", root=setting["fit_folder"], normal_dir="good", train_batch_size=setting["batch"])
+        engine = Engine(default_root_dir=Path(setting["fit_folder"], "runs"), logger=False, enable_progress_bar=False)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the timings only
+            engine.fit(model, datamodule=data)
+        return model
+
+    print(json.dumps(list(fit().model.gaussian.mean.shape)), flush=True)  # also the warm-up
+    for _ in sys.stdin:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fit()
+        print(json.dumps([time.perf_counter() - start, time.process_time() - start_cpu]), flush=True)
+
+
+def write_fit_images(count: int, side: int, folder: Path) -> None:
+    """``count`` random-noise PNG files of ``side`` px under ``folder/good``, the normal images of the fits."""
+    (folder / "good").mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for index in range(count):
+        pixels = generator.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "good" / f"{index:03d}.png")
 
 
 def start_worker(tree: Path, setting: dict[str, Any]) -> subprocess.Popen:
@@ -124,6 +165,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7, help="timed forwards per tree, size and worker pair")
     parser.add_argument("--pairs", type=int, default=3, help="fresh worker pairs per size, run one after another")
+    parser.add_argument("--fit-images", type=int, default=0, help="time Engine.fit on this many images instead")
     args = parser.parse_args()
     if args.worker:
         serve(json.loads(args.worker))
@@ -137,6 +179,9 @@ def main() -> None:
         new_label = export_package(args.new, trees["new"]) if args.new else "working tree"
         for side in args.sizes:
             setting = {"backbone": args.backbone, "n_features": args.n_features, "side": side, "batch": args.batch}
+            setting["fit_folder"] = str(Path(exported, f"fit-{side}")) if args.fit_images else None
+            if args.fit_images:
+                write_fit_images(args.fit_images, side, Path(setting["fit_folder"]))
             seconds: dict[str, list[list[float]]] = {"baseline": [], "new": []}
             for pair in range(args.pairs):  # alternating which worker starts first
                 order = dict(list(trees.items())[:: 1 if pair % 2 == 0 else -1])
@@ -148,9 +193,10 @@ def main() -> None:
                 ratio = median(new) / median(baseline)
                 milliseconds = [1e3 * median(baseline), 1e3 * median(new)]
                 rows.append([side, clock, *milliseconds, f"{ratio:.3f}", f"{min(per_round):.3f}-{max(per_round):.3f}"])
-    print(f"## Eager predict, {args.backbone}, batch {args.batch}, 1 thread, {args.pairs} pairs x {args.rounds} rounds")
+    what = f"Engine.fit on {args.fit_images} images" if args.fit_images else "Eager predict"
+    print(f"## {what}, {args.backbone}, batch {args.batch}, 1 thread, {args.pairs} pairs x {args.rounds} rounds")
     print(f"\nbaseline: {baseline_label}\nnew: {new_label}\n")
-    headers = ["side px", "clock", "baseline ms/batch", "new ms/batch", "time new / baseline", "per-round ratios"]
+    headers = ["side px", "clock", "baseline ms", "new ms", "time new / baseline", "per-round ratios"]
     print(markdown_table(headers, rows))
 
 
