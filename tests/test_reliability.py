@@ -413,7 +413,8 @@ def test_finite_check_stays_out_of_the_exported_graph() -> None:
     exported = torch.export.export(model, (images[:2],), dynamic_shapes=({0: batch},), strict=False)
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
     assert not any(check in target for target in targets for check in ("isfinite", "aten.all", "aten.any"))
-    assert torch.equal(exported.module()(images).pred_score, model(images).pred_score)
+    # eager CPU inference takes oneDNN's and channels-last paths, equal to float32 rounding
+    torch.testing.assert_close(exported.module()(images).pred_score, model(images).pred_score, rtol=1e-5, atol=0)
 
 
 def corrupted_checkpoint(source: Path, target: Path, key: str) -> Path:
@@ -426,7 +427,7 @@ def corrupted_checkpoint(source: Path, target: Path, key: str) -> Path:
 @pytest.mark.parametrize("key", ["model.feature_extractor.backbone.layer1.ConTBlock0.bn.weight", "model.gaussian.mean"])
 def test_checkpoint_holding_nan_is_refused_with_the_key(key: str, small_runs: SmallRuns, tmp_path: Path) -> None:
     damaged = corrupted_checkpoint(small_runs.first.checkpoint, tmp_path / "nan.ckpt", key)
-    pattern = rf"(?s)holds NaN/Inf values.*1 tensors, first \['{re.escape(key)}'\]"
+    pattern = rf"(?s)holds NaN/Inf values.*1 entries, first \['{re.escape(key)}'\]"
     with pytest.raises(ValueError, match=pattern):
         ConTNetPaDiM.load_from_checkpoint(damaged)
     model = small_model()

@@ -298,12 +298,13 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             )
             raise ValueError(msg)
         state_dict = checkpoint["state_dict"]
-        non_finite = list(non_finite_counts(state_dict, prefix="model."))
-        if non_finite:  # they would load silently, and exported graphs (which cannot check) would score NaN
+        damaged = [key for key, value in state_dict.items() if not torch.is_tensor(value)]
+        damaged += non_finite_counts(state_dict, prefix="model.")  # would load silently and score NaN
+        if damaged:
             msg = (
-                "this checkpoint holds NaN/Inf values, which would give NaN anomaly maps and scores; the file is "
-                "damaged or was saved from a model that diverged. Use an intact checkpoint or refit: "
-                f"{len(non_finite)} tensors, first {non_finite[:3]}"
+                "this checkpoint holds NaN/Inf values (which would give NaN anomaly maps and scores) or entries "
+                "that are not tensors; the file is damaged or was saved from a model that diverged. Use an intact "
+                f"checkpoint or refit: {len(damaged)} entries, first {damaged[:3]}"
             )
             raise ValueError(msg)
         prefix = "model.feature_extractor.backbone."
