@@ -113,7 +113,10 @@ class _Moments:
         if self.matrix is None and other.matrix is None and self.rows.shape[1] + other.rows.shape[1] < self.dims:
             return _Moments(count, mean, rows=torch.cat([self.rows, other.rows, shift.unsqueeze(1)], dim=1))
         matrix = self.scatter_matrix()  # a new tensor from rows; the matrix itself is updated in place
-        matrix += other.scatter_matrix()
+        if other.matrix is None:  # a batch's rows go straight in: no second (P, D, D) tensor
+            matrix.baddbmm_(other.rows.transpose(1, 2), other.rows)
+        else:
+            matrix += other.matrix
         matrix.baddbmm_(shift.unsqueeze(2), shift.unsqueeze(1))
         return _Moments(count, mean, matrix=matrix)
 
@@ -122,17 +125,25 @@ class _Moments:
 
         From rows ``R`` the eigenvectors come from the small (m x m) Gram matrix:
         ``R Rᵀ = V Λ Vᵀ`` gives ``U = Rᵀ V Λ^-½``. Directions with a vanishing eigenvalue
-        get a zero vector (and eigenvalue 0), which the distance then ignores.
+        get a zero vector (and eigenvalue 0), which the distance then ignores. From the
+        matrix the eigenvectors come in float32, the precision they are stored in.
         """
-        if self.matrix is not None:
-            values, vectors = torch.linalg.eigh(self.matrix)  # ascending
-            return vectors.flip(-1)[..., :rank], values.flip(-1)[..., :rank].clamp_min(0)
+        if self.matrix is not None:  # one position at a time: a batched eigh holds two more (P, D, D) copies
+            values = self.mean.new_empty(self.mean.shape[0], rank)
+            vectors = self.matrix.new_empty(*self.matrix.shape[:2], rank, dtype=torch.float32)
+            for position, scatter in enumerate(self.matrix):
+                position_values, position_vectors = torch.linalg.eigh(scatter)  # ascending
+                values[position], vectors[position] = (
+                    position_values.flip(-1)[:rank],
+                    position_vectors.flip(-1)[:, :rank],
+                )
+            return vectors, values.clamp_min(0)
         values, vectors = torch.linalg.eigh(self.rows @ self.rows.transpose(1, 2))
         values, vectors = values.flip(-1)[..., :rank], vectors.flip(-1)[..., :rank]
         negligible = values <= values[..., :1] * values.shape[-1] * torch.finfo(values.dtype).eps
-        values = values.masked_fill(negligible, 0)
-        directions = self.rows.transpose(1, 2) @ vectors * values.masked_fill(negligible, 1).rsqrt().unsqueeze(1)
-        return directions.masked_fill(negligible.unsqueeze(1), 0), values
+        directions = self.rows.transpose(1, 2) @ vectors  # scaled in place: it is the largest tensor of the fit
+        directions.mul_(values.masked_fill(negligible, 1).rsqrt().unsqueeze(1))
+        return directions.masked_fill_(negligible.unsqueeze(1), 0), values.masked_fill(negligible, 0)
 
 
 class StreamingGaussian(DynamicBufferMixin, nn.Module):
