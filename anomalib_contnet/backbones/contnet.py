@@ -378,11 +378,7 @@ class ConTNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the stem and the four stages; the (B, C, H/32, W/32) map of ``layer4``.
-
-        Maps of earlier stages come from timm: ``timm.create_model(name, features_only=True,
-        out_indices=...)`` holds the stages up to the deepest requested one and returns their maps.
-        """
+        """The (B, C, H/32, W/32) map of ``layer4``; timm's ``features_only`` networks return the others."""
         for name in STAGE_NAMES:
             x = getattr(self, name)(x)
         return x

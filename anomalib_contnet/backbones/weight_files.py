@@ -1,9 +1,7 @@
 """Where the ConTNet ImageNet checkpoints are: the lookup, the cache and the download. Imports no torch.
 
-The detector is only meaningful with the ImageNet features, so nothing here falls
-back to random weights: when no file can be found, :class:`WeightsError` says at
-once every way to provide one (most inspection machines are offline). Without
-torch at import, ``anomalib-contnet weights list`` answers at once.
+Nothing here falls back to random weights: without a file, :class:`WeightsError` says at
+once every way to provide one (most inspection machines are offline).
 
 :func:`resolve_weights` takes the first source that is set: the explicit ``weights``
 argument (a file, a folder holding ``<variant>.pth``, or an http(s) URL), then

@@ -1,13 +1,9 @@
 """Exports that replace an older export whole: written beside the target, then renamed into place.
 
 anomalib's exporters (``Engine.export``, ``anomalib export``) write straight into
-``<export_root>/weights/<type>/``. Re-exporting over an older export overwrites its
-files one at a time (``model.xml`` before ``model.bin``) and keeps any file the new
-export does not write, so an interrupted or failed export leaves old and new files
-side by side, which may still load and then give wrong scores. Here the exporter
-writes into a hidden folder next to the target, which is renamed into place once the
-export has finished (:func:`~anomalib_contnet.atomic_files.replace_folder`); a failed
-export leaves the older one untouched.
+``<export_root>/weights/<type>/``, file by file, so a failed re-export leaves old and new
+files side by side, which may still load and give wrong scores. Here the exporter writes
+into a hidden folder beside the target, swapped in once the export has finished.
 """
 
 from __future__ import annotations

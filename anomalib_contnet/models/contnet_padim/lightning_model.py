@@ -153,11 +153,9 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> ConTNetPreProcessor:
-        """Resize to ``image_size`` (224x224 by default, the paper's) and normalise like the backbone's training.
+        """Resize to ``image_size`` (224x224 by default, the paper's), antialiased on every path, and normalise.
 
-        The resize is antialiased in fitting, testing, ``Engine.predict``, every export and
-        both anomalib inferencers alike (anomalib's own pre-processor drops antialiasing
-        in exports; see :mod:`~anomalib_contnet.models.contnet_padim.pre_processor`).
+        See :mod:`~anomalib_contnet.models.contnet_padim.pre_processor` for why anomalib's own resize is replaced.
         """
         return ConTNetPreProcessor(image_size or DEFAULT_IMAGE_SIZE, mean=mean, std=std)
 
@@ -318,10 +316,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     def _continue_from(self, checkpoint: dict[str, Any]) -> None:
         """Let ``fit --ckpt_path`` add images to the checkpoint's Gaussians; refuse reloading them over a newer fit.
 
-        Lightning would resume the finished epoch and fit nothing: without the loops'
-        progress it runs a new epoch, which adds its images to the restored Gaussians.
-        ``anomalib train --ckpt_path`` tests with the same checkpoint after fitting, which
-        would put the earlier Gaussians back and report their metrics as the new model's.
+        Without the loops' progress Lightning runs a new epoch instead of resuming the finished
+        one. ``anomalib train --ckpt_path`` would test the old checkpoint's Gaussians as the new model's.
         """
         if self.trainer.state.fn == TrainerFn.FITTING:
             checkpoint.pop("loops", None)

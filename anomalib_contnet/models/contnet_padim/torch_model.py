@@ -177,10 +177,8 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Anomaly map (B, 1, H, W) and image score (B, 1) = the map's maximum.
 
-        In eager mode, NaN/Inf in the scores raise :class:`NonFiniteError` (a
-        reduction over B numbers). Under ``torch.export``/``torch.compile`` the
-        check is left out, because a data-dependent branch cannot be exported;
-        exported graphs come from models whose weights were checked on load.
+        NaN/Inf scores raise :class:`NonFiniteError` in eager mode only: a data-dependent branch
+        cannot be exported, and exported graphs come from models whose weights were checked on load.
         """
         if not self.gaussian.is_fitted:
             raise NotFittedError(NOT_FITTED_MESSAGE)
