@@ -276,7 +276,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         checkpoint[FORMAT_KEY] = FORMAT_VERSION
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with the reason, another model's checkpoint, another format, or NaN/Inf weights or Gaussians.
+        """Refuse, with the reason, another model's checkpoint, another format, or damaged (NaN/Inf) entries.
 
         Runs before any state is loaded (Lightning's strict ``load_state_dict`` then checks
         names and shapes), so a refused checkpoint leaves the model as it was.
@@ -297,7 +297,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             raise ValueError(msg)
         state_dict = checkpoint["state_dict"]
         damaged = [key for key, value in state_dict.items() if not torch.is_tensor(value)]
-        damaged += non_finite_counts(state_dict, prefix="model.")  # would load silently and score NaN
+        damaged += list(non_finite_counts(state_dict, prefix="model."))  # would load silently and score NaN
         if damaged:
             msg = (
                 "this checkpoint holds NaN/Inf values (which would give NaN anomaly maps and scores) or entries "
