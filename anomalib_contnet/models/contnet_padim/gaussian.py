@@ -132,11 +132,9 @@ class _Moments:
             values = self.mean.new_empty(self.mean.shape[0], rank)
             vectors = self.matrix.new_empty(*self.matrix.shape[:2], rank, dtype=torch.float32)
             for position, scatter in enumerate(self.matrix):
-                position_values, position_vectors = torch.linalg.eigh(scatter)  # ascending
-                values[position], vectors[position] = (
-                    position_values.flip(-1)[:rank],
-                    position_vectors.flip(-1)[:, :rank],
-                )
+                ascending_values, ascending_vectors = torch.linalg.eigh(scatter)
+                values[position] = ascending_values.flip(-1)[:rank]
+                vectors[position] = ascending_vectors.flip(-1)[:, :rank]
             return vectors, values.clamp_min(0)
         values, vectors = torch.linalg.eigh(self.rows @ self.rows.transpose(1, 2))
         values, vectors = values.flip(-1)[..., :rank], vectors.flip(-1)[..., :rank]
