@@ -28,7 +28,7 @@ import torch
 from anomalib_contnet.atomic_files import write_text_atomically
 from anomalib_contnet.warning_filters import install_warning_filters
 
-__all__ = ["JobSpec", "auroc", "fit", "main", "run_job", "score"]
+__all__ = ["JobSpec", "auroc", "build_model", "fit", "main", "run_job", "score"]
 
 
 @dataclass(frozen=True)
