@@ -124,6 +124,15 @@ def test_refuses_own_folder_once_files_were_added_or_edited(tmp_path: Path) -> N
     make_tiny_mvtec(tmp_path, seed=1)  # without the added file, the folder is ours again
 
 
+def test_refuses_own_folder_once_a_written_file_was_replaced_by_the_users(tmp_path: Path) -> None:
+    make_tiny_mvtec(tmp_path)
+    replaced = sorted((tmp_path / "brick" / "train" / "good").iterdir())[0]
+    replaced.write_bytes(b"the user's own photograph under the generated name")
+    with pytest.raises(DatasetPrepareError, match="changed since"):
+        make_tiny_mvtec(tmp_path, seed=1)
+    assert replaced.read_bytes() == b"the user's own photograph under the generated name"
+
+
 def test_a_rerun_replaces_its_own_output_whole(tmp_path: Path) -> None:
     (tmp_path / "brick").mkdir()  # an empty folder holds nothing to lose
     (folder,) = prepare_textures(tmp_path, seed=0, **SMALL_TEXTURES)

@@ -36,7 +36,8 @@ def with_training_images(tiny_mvtec: tuple[Path, str], target: Path, keep: int) 
 def test_three_images_on_four_processes_fit_the_single_process_gaussian(tiny_mvtec, tmp_path: Path) -> None:
     category = tiny_mvtec[1]
     root = with_training_images(tiny_mvtec, tmp_path / "data", keep=3)
-    run_anomalib(*train_arguments(root, category, tmp_path / "four", *FOUR_PROCESSES), cwd=tmp_path)
+    output = run_anomalib(*train_arguments(root, category, tmp_path / "four", *FOUR_PROCESSES), cwd=tmp_path)
+    assert output.count("3 training images for 1152 feature dimensions") == 1, output[-5000:]  # first process only
 
     model = ConTNetPaDiM(backbone="contnet_ti", pre_trained=False)
     data = MVTecAD(root=root, category=category, train_batch_size=4, eval_batch_size=4, num_workers=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -453,6 +454,35 @@ def test_a_re_export_replaces_the_folder_and_a_failed_one_keeps_it(trained_model
         engine.export(trained_model.model, ExportType.TORCH, export_root=tmp_path, model_file_name="no_such_folder/x")
     assert {entry.name: entry.read_bytes() for entry in folder.iterdir()} == before
     assert sorted(entry.name for entry in (tmp_path / "weights").iterdir()) == ["torch"]
+
+
+KILLED_EXPORT = """
+import sys
+from anomalib.deploy import ExportType
+from anomalib.engine import Engine
+from anomalib_contnet import ConTNetPaDiM
+model = ConTNetPaDiM.load_from_checkpoint(sys.argv[1])
+Engine(default_root_dir=sys.argv[2]).export(model, ExportType.OPENVINO, export_root=sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_an_export_removes_the_staging_folder_a_killed_one_left(trained_model, tmp_path) -> None:
+    weights = tmp_path / "weights"
+    arguments = [sys.executable, "-c", KILLED_EXPORT, str(trained_model.checkpoint), str(tmp_path)]
+    process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(weights.glob(".staging-openvino-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    (abandoned,) = weights.glob(".staging-openvino-*")
+    running = weights / f".staging-openvino-{os.getpid()}-of-a-running-export"
+    running.mkdir()
+    trained_model.engine.export(trained_model.model, ExportType.OPENVINO, export_root=tmp_path)
+    assert not abandoned.exists()
+    assert running.exists()  # its process (this one) is alive
+    assert sorted(entry.name for entry in weights.iterdir()) == [running.name, "openvino"]
 
 
 def test_int8_post_training_quantisation_is_refused_with_the_reason(trained_model, tmp_path) -> None:

@@ -101,22 +101,21 @@ def test_a_second_fit_without_continuing_forgets_the_first() -> None:
     torch.testing.assert_close(gaussian(features(3, seed=4)), fresh(features(3, seed=4)), rtol=0, atol=0)
 
 
-def test_one_image_gives_scaled_euclidean_distances_and_says_so() -> None:
+def test_one_image_gives_scaled_euclidean_distances() -> None:
     train, test = features(1, seed=0), features(3, seed=1)
     gaussian = StreamingGaussian(epsilon=0.04)
     gaussian.update(train)
-    with pytest.warns(UserWarning, match="1 training image: the covariance is epsilon"):
-        gaussian.fit()
+    gaussian.fit()
     euclidean = (test - train).norm(dim=1, keepdim=True) / 0.2
     torch.testing.assert_close(gaussian(test), euclidean, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("count", [2, 4, 8, 16])
-def test_few_images_fit_with_finite_scores_and_a_warning(count: int) -> None:
+def test_few_images_fit_with_finite_scores(count: int) -> None:
+    """What such scores mean is said by the model's fit (tests/test_reliability.py)."""
     gaussian = StreamingGaussian()
     gaussian.update(features(count, seed=count))
-    with pytest.warns(UserWarning, match=f"{count} training images for {DIMS} feature dimensions"):
-        gaussian.fit()
+    gaussian.fit()
     assert torch.isfinite(gaussian(features(2, seed=0))).all()
 
 

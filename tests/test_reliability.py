@@ -18,7 +18,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import warnings
@@ -39,13 +38,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import Callback, seed_everything
 from PIL import Image
-from torch import distributed
 
 from anomalib_contnet import ConTNetPaDiM
 from anomalib_contnet.backbones.contnet import STAGE_NAMES
 from anomalib_contnet.backbones.weight_files import WeightsError, resolve_weights
 from anomalib_contnet.models.contnet_padim import ConTNetPaDiMModel, NonFiniteError, NotFittedError
-from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
 
 CATEGORY = "part"
 N_FEATURES = 16
@@ -305,39 +302,6 @@ def test_fewer_images_than_dimensions_fits_and_warns_once_per_fit(small_runs: Sm
         * 2
     )
     assert torch.isfinite(small_runs.first.maps).all()
-
-
-def fit_as_rank(rank: int, address: str, results: multiprocessing.Queue) -> None:
-    """Child: one process of a two-process (DDP-style) fit of the Gaussian, reporting the warnings it showed."""
-    distributed.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
-    try:
-        gaussian = StreamingGaussian()
-        gaussian.update(torch.randn(3, N_FEATURES, 2, 2, generator=torch.Generator().manual_seed(rank)))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            gaussian.fit()
-        results.put((rank, [str(item.message) for item in caught], gaussian.mean.tolist()))
-    finally:
-        distributed.destroy_process_group()
-
-
-@pytest.mark.skipif(FORK is None or not distributed.is_available(), reason="needs fork and torch.distributed")
-def test_fewer_images_than_dimensions_warns_once_across_distributed_processes() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-    results = FORK.Queue()
-    children = [FORK.Process(target=fit_as_rank, args=(rank, address, results)) for rank in range(2)]
-    for child in children:
-        child.start()
-    reports = dict((rank, (shown, mean)) for rank, shown, mean in (results.get(timeout=120) for _ in children))
-    for child in children:
-        child.join(timeout=60)
-    assert [child.exitcode for child in children] == [0, 0]
-    assert len(reports[0][0]) == 1
-    assert reports[0][0][0].startswith(f"6 training images for {N_FEATURES} feature dimensions")  # merged count
-    assert reports[1][0] == []
-    assert reports[0][1] == reports[1][1]
 
 
 def test_same_seed_gives_bit_identical_maps_on_cpu(small_runs: SmallRuns) -> None:

@@ -3,14 +3,15 @@
 Users point training runs at these folders, so a half-written or silently overwritten one costs
 hours. A category is filled in a staging folder (:func:`~anomalib_contnet.atomic_files.staged_folder`)
 that replaces its target only once complete. Its marker file names this tool, the settings and
-the files written; an existing folder is replaced only when its marker says this tool wrote it and
-no file was added since. Our own files edited in place are not detected (that would take a hash of
-every file): edit a copy.
+the SHA-256 of every file written; an existing folder is replaced only when its marker says this
+tool wrote it and every file in it is still one the tool wrote, unchanged (hashing a category's
+images takes well under a second beside writing them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,27 +31,35 @@ class DatasetPrepareError(RuntimeError):
     """A dataset cannot be prepared as asked; the message says what to change."""
 
 
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """{relative path: SHA-256} of every file under ``folder`` but the marker."""
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
 def _check_replaceable(target: Path) -> None:
-    """Refuse ``target`` unless it is absent, holds no file, or was written by this tool with no file added since."""
-    on_disk = {path.relative_to(target).as_posix() for path in target.rglob("*") if path.is_file()}
-    if not on_disk:
+    """Refuse ``target`` unless it is absent, holds no file, or holds only files this tool wrote, unchanged."""
+    if not any(path.is_file() for path in target.rglob("*")):
         return
     try:
         marker = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))
-        listed = set(marker["files"]) if marker["generator"] == GENERATOR else None
+        listed = dict(marker["files"]) if marker["generator"] == GENERATOR else None
     except (OSError, ValueError, KeyError, TypeError):
         listed = None
     if listed is None:
         msg = (
-            f"{target} holds data that anomalib-contnet did not write (no readable {MANIFEST_NAME}); refusing to "
-            "overwrite it. Choose another --root, or move that folder away yourself."
+            f"{target} holds data that anomalib-contnet did not write (no readable {MANIFEST_NAME} of this "
+            "version); refusing to overwrite it. Choose another --root, or move that folder away yourself."
         )
         raise DatasetPrepareError(msg)
-    added = sorted(on_disk - listed - {MANIFEST_NAME})
-    if added:
+    foreign = sorted(name for name, digest in _file_hashes(target).items() if listed.get(name) != digest)
+    if foreign:
         msg = (
-            f"{target} holds {len(added)} file(s) that anomalib-contnet did not write (e.g. {added[:3]}); refusing "
-            "to overwrite it. Move them elsewhere, or choose another --root."
+            f"{target} holds {len(foreign)} file(s) that anomalib-contnet did not write or that were changed since "
+            f"(e.g. {foreign[:3]}); refusing to overwrite it. Move them elsewhere, or choose another --root."
         )
         raise DatasetPrepareError(msg)
 
@@ -65,8 +74,7 @@ def category_folder(target: Path, description: dict[str, Any]) -> Iterator[Path]
     _check_replaceable(target)
     with staged_folder(target) as staging:
         yield staging
-        files = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
-        marker = {"generator": GENERATOR, "description": description, "files": files}
+        marker = {"generator": GENERATOR, "description": description, "files": _file_hashes(staging)}
         (staging / MANIFEST_NAME).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         _check_replaceable(target)
 

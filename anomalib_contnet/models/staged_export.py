@@ -8,6 +8,8 @@ into a hidden folder beside the target, swapped in once the export has finished.
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from functools import partial
@@ -38,11 +40,37 @@ INT8_PTQ_REFUSAL = (
 )
 
 
+STAGING_PREFIX = ".staging-"
+"""Staging folders are named ``.staging-<type>-<process id>-<random>`` beside the export folders."""
+
+
+def _remove_abandoned_staging(folder: Path) -> None:
+    """Delete the staging folders under ``folder`` whose export process has gone (killed before its clean-up).
+
+    The process id in the name tells a running export (another process) from an abandoned
+    one; without POSIX process ids (Windows) nothing is removed.
+    """
+    if os.name != "posix":
+        return
+    for staging in folder.glob(f"{STAGING_PREFIX}*"):
+        fields = staging.name.removeprefix(STAGING_PREFIX).split("-")
+        if len(fields) < 3 or not fields[1].isdigit():
+            continue
+        try:
+            os.kill(int(fields[1]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(staging, ignore_errors=True)
+        except PermissionError:  # it exists, under another user
+            continue
+
+
 def _export_staged(export: Callable[[Path], Path], export_root: Path | str, export_type: ExportType) -> Path:
     """Run ``export(staging_root)``, then swap the ``weights/<type>`` it wrote in for the one under ``export_root``."""
     target = Path(export_root) / "weights" / export_type.value
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".staging-{export_type.value}-", dir=target.parent) as staging:
+    _remove_abandoned_staging(target.parent)
+    prefix = f"{STAGING_PREFIX}{export_type.value}-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=target.parent) as staging:
         written = export(Path(staging))
         replace_folder(Path(staging) / "weights" / export_type.value, target)
     return target / written.name

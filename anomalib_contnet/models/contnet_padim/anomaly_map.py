@@ -9,12 +9,31 @@ more than the Mahalanobis step). The map is the same up to float32 rounding.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components.filters import GaussianBlur2d
+from anomalib.models.components.filters.blur import compute_kernel_size
 from torch import nn
 
-__all__ = ["AnomalyMapGenerator"]
+__all__ = ["AnomalyMapGenerator", "refuse_sigma_too_large"]
+
+
+def refuse_sigma_too_large(sigma: float, image_size: tuple[int, int]) -> None:
+    """Raise ValueError unless the smoothing kernel of ``sigma`` fits an ``image_size`` map (reflected borders).
+
+    Reflection needs a kernel radius (``int(4 * sigma + 0.5)``, anomalib's) below both map sides.
+    """
+    radius = compute_kernel_size(sigma) // 2
+    if radius >= min(image_size):
+        largest = (min(image_size) - 0.5) / 4
+        msg = (
+            f"sigma={sigma} needs a smoothing kernel of radius {radius} px, but the anomaly map is only "
+            f"{image_size[0]}x{image_size[1]} px (reflected borders need a radius below both sides): choose "
+            f"sigma below {largest:.2f} or a larger image_size"
+        )
+        raise ValueError(msg)
 
 
 class AnomalyMapGenerator(nn.Module):
@@ -29,10 +48,10 @@ class AnomalyMapGenerator(nn.Module):
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
-        if not sigma > 0:
-            msg = f"sigma must be positive, got {sigma}"
+        if not 0 < sigma < math.inf:
+            msg = f"sigma must be positive and finite, got {sigma}"
             raise ValueError(msg)
-        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
+        kernel_size = compute_kernel_size(sigma)
         # anomalib's 2-D kernel (kept as the source of truth and in the saved state) is an outer product of
         # two normalised 1-D Gaussians, so its row sums are the vertical 1-D kernel.
         self.blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel_size, kernel_size))

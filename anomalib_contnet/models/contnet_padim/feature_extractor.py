@@ -60,6 +60,7 @@ class FrozenFeatureExtractor(nn.Module):
         self.out_indices = tuple(info.out_indices[:held])  # timm drops the stages after the deepest requested one
         self._positions = {layer: available.index(layer) for layer in self.layers}  # in the backbone's output list
         self.out_channels = {layer: info.channels()[position] for layer, position in self._positions.items()}
+        self.min_input_side = max(info.reduction()[position] for position in self._positions.values())
         self.backbone = self._create(pretrained=False)
         config = self.backbone.pretrained_cfg
         self.normalization = (tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD)))
@@ -77,6 +78,15 @@ class FrozenFeatureExtractor(nn.Module):
             pretrained_cfg_overlay=overlay,
             **architecture,
         )
+
+    def refuse_input_size(self, image_size: Sequence[int]) -> None:
+        """Raise ValueError unless both sides of ``image_size`` leave room for one cell of the deepest layer."""
+        if min(image_size) < self.min_input_side:
+            msg = (
+                f"image_size {tuple(image_size)} is too small for {self.name}: each side must be at least "
+                f"{self.min_input_side} px (the stride of the deepest requested layer, which then gives one patch)"
+            )
+            raise ValueError(msg)
 
     def _replace_backbone(self, backbone: nn.Module) -> None:
         self.backbone = backbone.to(next(self.backbone.parameters()).device).eval()
@@ -105,7 +115,18 @@ class FrozenFeatureExtractor(nn.Module):
         do; the file's keys decide which shortcut network is built. Other models
         load ``weights`` when given, else timm's own source.
         """
-        self._replace_backbone(self._create(pretrained=True))
+        try:
+            backbone = self._create(pretrained=True)
+        except OSError as error:
+            if is_contnet(self.name):  # ConTNet's lookup says where to put the file already
+                raise
+            msg = (
+                f"could not get the pretrained weights of {self.name} from timm's source ({error}). Offline, pass a "
+                f"local copy with --model.weights FILE (a timm state dict of {self.name}), or use "
+                "--model.pre_trained false for untrained features (useful only for tests)."
+            )
+            raise OSError(msg) from error
+        self._replace_backbone(backbone)
 
     def match_saved_architecture(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Rebuild the backbone when ``state_dict`` (keys relative to the backbone) is another architecture.

@@ -30,9 +30,9 @@ with exactly its scatter) and combines the statistics of distributed processes.
 
 from __future__ import annotations
 
-import sys
-import warnings
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from anomalib.models.components import DynamicBufferMixin
@@ -47,101 +47,150 @@ def _positions_first(embedding: torch.Tensor) -> torch.Tensor:
     return embedding.reshape(batch, channels, -1).permute(2, 0, 1)
 
 
-def _warn_each_time(message: str, stacklevel: int = 2) -> None:
-    """Issue a UserWarning every time it is called, on the first distributed process only.
-
-    ``warnings.warn`` shows a message once per code location and process under
-    Python's default filters, so a second fit in the same process (a benchmark
-    over categories, a notebook) would stay silent about its own problem. Passing
-    no registry to ``warn_explicit`` keeps that deduplication out, while user
-    filters (``-W error``, ``filterwarnings``) still apply.
-    """
-    if distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0:
-        return
-    frame = sys._getframe(stacklevel)  # the caller's location, as warnings.warn would report it
-    warnings.warn_explicit(
-        message,
-        UserWarning,
-        filename=frame.f_code.co_filename,
-        lineno=frame.f_lineno,
-        module=frame.f_globals.get("__name__", "<unknown>"),
-        registry=None,
-        module_globals=frame.f_globals,
-    )
-
-
 @dataclass
 class _Moments:
-    """Count, mean and scatter about the mean of a group of samples, per position, in float64.
+    """Count, mean (float64) and scatter about the mean of a group of samples, per position.
 
-    The scatter is held as rows ``R`` (P, m, D) with ``Σ RᵀR`` equal to it while
-    ``m <= D``, else as the matrix itself (P, D, D): whichever is smaller.
+    While there are at most ``D`` samples the samples themselves are kept, in their own
+    precision (float32 embeddings as they came, half the bytes of float64 rows) and
+    centred only when the scatter is needed, on the final mean (exact two-pass); beyond,
+    the (P, D, D) float64 scatter matrix, updated in place by Chan et al.'s pairwise rule.
+    Kept samples are copied into preallocated (P, rows, D) buffers of 64 MiB (or of all
+    ``D`` rows, if less): nothing is concatenated or regrown while streaming (growing one
+    tensor by ``torch.cat`` held two copies of all samples at every batch), and glibc maps
+    blocks that large by mmap, so freeing them returns the memory to the system at once.
     """
 
-    count: int
     mean: torch.Tensor
-    rows: torch.Tensor | None = None
+    count: int = 0
+    chunks: list[torch.Tensor] = field(default_factory=list)
+    filled: list[int] = field(default_factory=list)
     matrix: torch.Tensor | None = None
 
-    @classmethod
-    def of_batch(cls, samples: torch.Tensor) -> _Moments:
-        """The moments of (P, B, D) samples."""
-        samples = samples.double()
-        mean = samples.mean(dim=1)
-        return cls(samples.shape[1], mean, rows=samples - mean.unsqueeze(1))
+    CHUNK_BYTES = 64 << 20  # above glibc's largest dynamic mmap threshold (32 MiB)
 
-    def to(self, device: torch.device | str) -> _Moments:
-        """The same moments on ``device``."""
-        rows = None if self.rows is None else self.rows.to(device)
-        matrix = None if self.matrix is None else self.matrix.to(device)
-        return _Moments(self.count, self.mean.to(device), rows=rows, matrix=matrix)
+    @classmethod
+    def of_rows(cls, count: int, mean: torch.Tensor, rows: torch.Tensor) -> _Moments:
+        """The moments of ``count`` samples with mean (P, D) and scatter ``Σ RᵀR`` of rows ``R`` (P, m, D).
+
+        With ``count <= D`` (then ``m = count - 1``) as samples: ``mean + H R`` with ``H``
+        the (count, count - 1) Helmert contrasts, orthonormal columns that sum to zero,
+        are ``count`` samples with exactly that mean and scatter. Else as the matrix.
+        """
+        if count > mean.shape[-1]:
+            return cls(mean, count, matrix=rows.mT @ rows)
+        steps = torch.arange(1, count, dtype=rows.dtype, device=rows.device)
+        helmert = torch.ones(count, count - 1, dtype=rows.dtype, device=rows.device).triu()
+        helmert[steps.long(), steps.long() - 1] = -steps
+        samples = mean.unsqueeze(1) + (helmert / (steps * (steps + 1)).sqrt()) @ rows
+        return cls(mean, count, [samples], [count])
 
     @property
     def dims(self) -> int:
         return self.mean.shape[-1]
 
-    def scatter_matrix(self) -> torch.Tensor:
-        """The (P, D, D) scatter; built from the rows when held as rows."""
-        return self.matrix if self.matrix is not None else self.rows.transpose(1, 2) @ self.rows
+    def blocks(self) -> list[torch.Tensor]:
+        """The kept samples: (P, m, D) views of the filled part of every buffer."""
+        return [chunk[:, :filled] for chunk, filled in zip(self.chunks, self.filled, strict=True)]
 
-    def merged(self, other: _Moments) -> _Moments:
-        """The moments of the union of both groups (Chan et al.'s pairwise update), exact in exact arithmetic."""
-        count = self.count + other.count
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / count)
-        shift = delta * (self.count * other.count / count) ** 0.5  # one row carrying the means' difference
-        if self.matrix is None and other.matrix is None and self.rows.shape[1] + other.rows.shape[1] < self.dims:
-            return _Moments(count, mean, rows=torch.cat([self.rows, other.rows, shift.unsqueeze(1)], dim=1))
-        matrix = self.scatter_matrix()  # a new tensor from rows; the matrix itself is updated in place
-        if other.matrix is None:  # a batch's rows go straight in: no second (P, D, D) tensor
-            matrix.baddbmm_(other.rows.transpose(1, 2), other.rows)
+    def to(self, device: torch.device | str) -> _Moments:
+        """The same moments on ``device``, without the unfilled rows of the last buffer (what gets pickled for DDP)."""
+        blocks = [block.to(device).contiguous() for block in self.blocks()]
+        matrix = None if self.matrix is None else self.matrix.to(device)
+        return _Moments(self.mean.to(device), self.count, blocks, [block.shape[1] for block in blocks], matrix)
+
+    def add(self, samples: torch.Tensor) -> None:
+        """Add (P, b, D) samples in place: kept while there are at most ``D`` in all, else into the matrix."""
+        size, mean = samples.shape[1], samples.mean(dim=1, dtype=torch.float64)
+        if self.matrix is None and self.count + size <= self.dims:
+            self._keep(samples)
+        else:  # the batch's own scatter, from float64 rows centred on its mean: no (P, D, D) temporary
+            centred = samples - mean.unsqueeze(1)
+            self._matrix().baddbmm_(centred.mT, centred)
+        self._merge_mean(size, mean)
+
+    def merge(self, other: _Moments) -> None:
+        """Add another group's moments in place (the statistics of another distributed process)."""
+        if other.matrix is None:
+            for block in other.blocks():
+                self.add(block)
         else:
-            matrix += other.matrix
-        matrix.baddbmm_(shift.unsqueeze(2), shift.unsqueeze(1))
-        return _Moments(count, mean, matrix=matrix)
+            self._matrix().add_(other.matrix)
+            self._merge_mean(other.count, other.mean)
+
+    def _keep(self, samples: torch.Tensor) -> None:
+        """Copy samples into the free rows of the last buffer, starting new buffers as needed."""
+        dtype = torch.promote_types(samples.dtype, torch.float32)
+        positions, _, dims = samples.shape
+        while samples.shape[1]:
+            if not self.chunks or self.filled[-1] == self.chunks[-1].shape[1] or self.chunks[-1].dtype != dtype:
+                rows = min(max(self.CHUNK_BYTES // (positions * dims * dtype.itemsize), 1), dims)
+                self.chunks.append(samples.new_empty(positions, rows, dims, dtype=dtype))
+                self.filled.append(0)
+            start = self.filled[-1]
+            taken = min(self.chunks[-1].shape[1] - start, samples.shape[1])
+            self.chunks[-1][:, start : start + taken] = samples[:, :taken]
+            self.filled[-1] += taken
+            samples = samples[:, taken:]
+
+    def _matrix(self) -> torch.Tensor:
+        """The scatter matrix, formed from the kept samples (which are then freed) the first time."""
+        if self.matrix is None:
+            self.matrix, self.chunks, self.filled = self.scatter_matrix(), [], []
+        return self.matrix
+
+    def _merge_mean(self, count: int, mean: torch.Tensor) -> None:
+        """Count and mean of the union with a group of ``count`` samples of mean ``mean``, whose scatter is in.
+
+        Kept samples need nothing more (they are centred on the final mean); the matrix
+        gets Chan's ``n₁n₂/n · δδᵀ`` for the difference ``δ`` of the means.
+        """
+        total = self.count + count
+        delta = mean - self.mean
+        if self.matrix is not None:
+            shift = delta * (self.count * count / total) ** 0.5
+            self.matrix.baddbmm_(shift.unsqueeze(2), shift.unsqueeze(1))
+        self.mean += delta * (count / total)
+        self.count = total
+
+    def scatter_matrix(self) -> torch.Tensor:
+        """The (P, D, D) scatter: the matrix, or a new one formed from the kept samples centred on the mean."""
+        if self.matrix is not None:
+            return self.matrix
+        matrix = self.mean.new_zeros(*self.mean.shape, self.dims)
+        for block in self.blocks():
+            centred = block - self.mean.unsqueeze(1)
+            matrix.baddbmm_(centred.mT, centred)
+        return matrix
 
     def principal_directions(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``rank`` leading eigenvectors (P, D, rank) and eigenvalues (P, rank) of the scatter.
+        """The ``rank`` leading eigenvectors (P, D, rank, float32) and eigenvalues (P, rank) of the scatter.
 
-        From rows ``R`` the eigenvectors come from the small (m x m) Gram matrix:
-        ``R Rᵀ = V Λ Vᵀ`` gives ``U = Rᵀ V Λ^-½``. Directions with a vanishing eigenvalue
-        get a zero vector (and eigenvalue 0), which the distance then ignores. From the
-        matrix the eigenvectors come in float32, the precision they are stored in.
+        One position at a time, so that only the results and one position's temporaries
+        are added to the statistics (a batched eigh holds copies of all positions). From
+        samples the eigenvectors come from the small (n x n) Gram matrix of the centred
+        samples ``R``: ``R Rᵀ = V Λ Vᵀ`` gives ``U = Rᵀ V Λ^-½``; directions with a
+        vanishing eigenvalue get a zero vector (and eigenvalue 0), which the distance
+        then ignores.
         """
-        if self.matrix is not None:  # one position at a time: a batched eigh holds two more (P, D, D) copies
-            values = self.mean.new_empty(self.mean.shape[0], rank)
-            vectors = self.matrix.new_empty(*self.matrix.shape[:2], rank, dtype=torch.float32)
-            for position, scatter in enumerate(self.matrix):
-                ascending_values, ascending_vectors = torch.linalg.eigh(scatter)
+        positions, dims = self.mean.shape
+        values = self.mean.new_empty(positions, rank)
+        vectors = self.mean.new_empty(positions, dims, rank, dtype=torch.float32)
+        blocks = self.blocks()
+        for position in range(positions):
+            if self.matrix is not None:
+                ascending_values, ascending_vectors = torch.linalg.eigh(self.matrix[position])
                 values[position] = ascending_values.flip(-1)[:rank]
                 vectors[position] = ascending_vectors.flip(-1)[:, :rank]
-            return vectors, values.clamp_min(0)
-        values, vectors = torch.linalg.eigh(self.rows @ self.rows.transpose(1, 2))
-        values, vectors = values.flip(-1)[..., :rank], vectors.flip(-1)[..., :rank]
-        negligible = values <= values[..., :1] * values.shape[-1] * torch.finfo(values.dtype).eps
-        directions = self.rows.transpose(1, 2) @ vectors  # scaled in place: it is the largest tensor of the fit
-        directions.mul_(values.masked_fill(negligible, 1).rsqrt().unsqueeze(1))
-        return directions.masked_fill_(negligible.unsqueeze(1), 0), values.masked_fill(negligible, 0)
+                continue
+            rows = torch.cat([block[position] for block in blocks]) - self.mean[position]
+            ascending_values, ascending_vectors = torch.linalg.eigh(rows @ rows.mT)
+            top_values, top_vectors = ascending_values.flip(-1)[:rank], ascending_vectors.flip(-1)[:, :rank]
+            negligible = top_values <= top_values[:1] * rank * torch.finfo(top_values.dtype).eps
+            directions = rows.mT @ (top_vectors * top_values.masked_fill(negligible, 1).rsqrt())
+            values[position] = top_values.masked_fill(negligible, 0)
+            vectors[position] = directions.masked_fill_(negligible, 0)
+        return vectors, values.clamp_min(0)
 
 
 class StreamingGaussian(DynamicBufferMixin, nn.Module):
@@ -158,8 +207,8 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
 
     def __init__(self, epsilon: float = 0.01) -> None:
         super().__init__()
-        if not epsilon > 0:
-            msg = f"epsilon must be positive (it makes the covariance invertible), got {epsilon}"
+        if not 0 < epsilon < math.inf:
+            msg = f"epsilon must be positive and finite (it makes the covariance invertible), got {epsilon}"
             raise ValueError(msg)
         self.epsilon = float(epsilon)
         self.register_buffer("mean", torch.empty(0))
@@ -187,26 +236,27 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         """
         self._moments = None
         if continue_from_fit and self.is_fitted:
-            rows = (self.basis.double() * (self.variances.double() * (int(self.count) - 1)).sqrt().unsqueeze(1)).mT
-            moments = _Moments(int(self.count), self.mean.double(), rows=rows.contiguous())
-            if rows.shape[1] >= self.mean.shape[-1]:
-                moments = _Moments(moments.count, moments.mean, matrix=moments.scatter_matrix())
-            self._moments = moments
+            count = int(self.count)
+            rows = (self.basis.double() * (self.variances.double() * (count - 1)).sqrt().unsqueeze(1)).mT
+            self._moments = _Moments.of_rows(count, self.mean.double(), rows)
 
     @torch.no_grad()
     def update(self, embedding: torch.Tensor) -> None:
         """Add a batch of embeddings (B, D, H, W) to the running statistics."""
         if embedding.shape[0] == 0:
             return
-        batch = _Moments.of_batch(_positions_first(embedding))
-        if self._moments is not None and self._moments.mean.shape != batch.mean.shape:
+        samples = _positions_first(embedding)
+        shape = (samples.shape[0], samples.shape[2])
+        if self._moments is None:
+            self._moments = _Moments(samples.new_zeros(shape, dtype=torch.float64))
+        elif self._moments.mean.shape != shape:
             msg = (
-                f"feature shape changed during fitting: {tuple(batch.mean.shape)} vs {tuple(self._moments.mean.shape)} "
+                f"feature shape changed during fitting: {shape} vs {tuple(self._moments.mean.shape)} "
                 "(positions, dims); every training image must have the same size after pre-processing, and a "
                 "continued fit the image size and features of the first"
             )
             raise ValueError(msg)
-        self._moments = batch if self._moments is None else self._moments.merged(batch)
+        self._moments.add(samples)
 
     def _merge_across_processes(self) -> _Moments | None:
         """The moments of all distributed processes (DDP) together, on every process; None without samples.
@@ -222,7 +272,10 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         distributed.all_gather_object(gathered, None if self._moments is None else self._moments.to("cpu"))
         merged = None
         for group in filter(None, gathered):
-            merged = group if merged is None else merged.merged(group)
+            if merged is None:
+                merged = group
+            else:
+                merged.merge(group)
         return None if merged is None else merged.to(self.mean.device)
 
     @torch.no_grad()
@@ -241,28 +294,48 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
         count, dims = moments.count, moments.dims
         rank = min(count - 1, dims)
-        if rank < dims:
-            _warn_each_time(self._few_images_message(count, dims), stacklevel=4)  # the caller of fit()
         directions, eigenvalues = moments.principal_directions(rank)
         self.mean = moments.mean.float()
         self.basis = directions.float()
         self.variances = (eigenvalues / max(count - 1, 1)).float()
         self.count = torch.tensor(count, device=self.mean.device)
 
-    def _few_images_message(self, count: int, dims: int) -> str:
-        """What the scores mean when there are fewer training images than feature dimensions."""
-        if count == 1:
-            return (
-                f"1 training image: the covariance is epsilon*I (epsilon={self.epsilon}), so the scores are Euclidean "
-                "distances to that image's features divided by sqrt(epsilon); they rank images, but normal variation "
-                "is not modelled. Add normal images for a Gaussian model."
+    def refuse_inconsistent_state(self, state: Mapping[str, torch.Tensor], prefix: str, dims: int) -> None:
+        """Raise ValueError naming the saved tensors (keys ``prefix`` + name) that do not fit together.
+
+        anomalib's buffers take whatever shape a state dict has, so an edited or assembled
+        checkpoint would otherwise load and fail at the first batch, or score wrongly.
+        ``dims`` is the embedding's number of channels.
+        """
+        mean, basis, variances, count = (state.get(prefix + name) for name in ("mean", "basis", "variances", "count"))
+        if any(tensor is None for tensor in (mean, basis, variances, count)):
+            return  # strict loading names the missing keys
+        problems = []
+        if count.ndim or count.is_floating_point() or count.is_complex():
+            problems.append(f"{prefix}count must be one integer, got shape {tuple(count.shape)} {count.dtype}")
+        elif mean.numel() == 0:  # saved before any fit: nothing else may be there
+            if basis.numel() or variances.numel() or int(count):
+                problems.append(f"{prefix}mean is empty (not fitted), but basis, variances or count are not")
+        elif int(count) < 1:
+            problems.append(f"{prefix}count is {int(count)}; a fitted Gaussian has seen at least 1 image")
+        else:
+            positions, rank = mean.shape[0], min(int(count) - 1, dims)
+            expected = {"mean": (positions, dims), "basis": (positions, dims, rank), "variances": (positions, rank)}
+            for name, tensor in (("mean", mean), ("basis", basis), ("variances", variances)):
+                if tuple(tensor.shape) != expected[name]:
+                    problems.append(
+                        f"{prefix}{name} has shape {tuple(tensor.shape)}, but {positions} positions, {dims} channels "
+                        f"and count {int(count)} make it {expected[name]}"
+                    )
+            if variances.is_floating_point() and bool((variances < 0).any()):
+                problems.append(f"{prefix}variances holds {int((variances < 0).sum())} negative values")
+        if problems:
+            msg = (
+                "the checkpoint's Gaussians do not fit together (the file was edited or assembled from several): "
+                + "; ".join(problems)
+                + ". Use the checkpoint as it was saved, or refit."
             )
-        return (
-            f"{count} training images for {dims} feature dimensions: the Gaussians span only {count - 1} directions, "
-            f"and distances in the other {dims - count + 1} are Euclidean divided by sqrt(epsilon={self.epsilon}), "
-            "so epsilon strongly influences the scores. More training images, or n_features below the number of "
-            "images, reduce this."
-        )
+            raise ValueError(msg)
 
     # --------------------------------------------------------------- inference
     @property

@@ -13,8 +13,10 @@ its exact size (:mod:`.gaussian`), a fitted model can take more images
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +29,18 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from PIL import Image
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-from anomalib_contnet.checkpoints import non_finite_counts
+from anomalib_contnet.models.contnet_padim.anomaly_map import refuse_sigma_too_large
+from anomalib_contnet.models.contnet_padim.checkpoint import (
+    arguments_to_adopt,
+    record_arguments,
+    refuse_unreadable,
+)
 from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
-from anomalib_contnet.models.contnet_padim.pre_processor import ConTNetPreProcessor
+from anomalib_contnet.models.contnet_padim.image_files import name_damaged_files, refuse_high_bit_depth
+from anomalib_contnet.models.contnet_padim.pre_processor import DEFAULT_IMAGE_SIZE, ConTNetPreProcessor
 from anomalib_contnet.models.contnet_padim.torch_model import NOT_FITTED_MESSAGE, ConTNetPaDiMModel, NotFittedError
 from anomalib_contnet.models.staged_export import AtomicExportMixin
 
@@ -41,38 +48,30 @@ __all__ = ["ConTNetPaDiM"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_SIZE = (224, 224)
 
-FORMAT_KEY = "anomalib_contnet_format_version"
-"""Top-level checkpoint entry that only ConTNetPaDiM checkpoints have: another model's checkpoint is refused by name."""
-FORMAT_VERSION = 3
-"""What the saved state means (3: mean, principal directions, variances, count); other versions are refused."""
-
-HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-"""Pillow modes of one-channel images with more than 8 bits (16-bit PNG/TIFF, 32-bit integer or float).
-
-anomalib reads every image with ``Image.convert("RGB")``, which clips these values
-at 255 instead of scaling them: a 16-bit image becomes almost uniformly white, and
-the model would score that. 16-bit colour PNGs are not affected (Pillow reduces
-them to 8 bits per channel correctly).
-"""
-
-
-def refuse_high_bit_depth(paths: Iterable[str] | None) -> None:
-    """Raise ValueError naming the files that anomalib would clip to white (it reads only their headers)."""
-    clipped = []
-    for path in paths or ():  # None: a batch built from tensors, not files
-        with Image.open(path) as image:
-            if image.mode in HIGH_BIT_DEPTH_MODES:
-                clipped.append(f"{path} (mode {image.mode})")
-    if clipped:
-        msg = (
-            "one-channel images with more than 8 bits per pixel: anomalib reads images with Pillow's "
-            "convert('RGB'), which clips such values at 255 instead of scaling them, so the model would see an "
-            "almost white image. Convert them to 8 bits first (16-bit: divide by 257; float: scale to 0..255): "
-            + ", ".join(clipped)
-        )
+def _checked_image_size(image_size: Sequence[int] | None) -> tuple[int, int]:
+    """``image_size`` (default 224x224) as two positive integers, else ValueError."""
+    size = tuple(image_size or DEFAULT_IMAGE_SIZE)
+    if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
+        msg = f"image_size must be (height, width), two positive whole numbers of pixels, got {image_size}"
         raise ValueError(msg)
+    return size
+
+
+def _few_images_message(count: int, dims: int, epsilon: float) -> str:
+    """What the scores mean when there are no more training images than feature dimensions."""
+    if count == 1:
+        return (
+            f"1 training image: the covariance is epsilon*I (epsilon={epsilon}), so the scores are Euclidean "
+            "distances to that image's features divided by sqrt(epsilon); they rank images, but normal variation "
+            "is not modelled. Add normal images for a Gaussian model."
+        )
+    return (
+        f"{count} training images for {dims} feature dimensions: the Gaussians span only {count - 1} directions, "
+        f"and distances in the other {dims - count + 1} are Euclidean divided by sqrt(epsilon={epsilon}), "
+        "so epsilon strongly influences the scores. More training images, or n_features below the number of "
+        "images, reduce this."
+    )
 
 
 class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
@@ -122,6 +121,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        size = _checked_image_size(image_size)
+        refuse_sigma_too_large(sigma, size)  # before the blur kernel is built: it grows with sigma squared
         model = ConTNetPaDiMModel(
             backbone=backbone,
             layers=tuple(layers),
@@ -132,9 +133,10 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             epsilon=epsilon,
             sigma=sigma,
         )
+        model.feature_extractor.refuse_input_size(size)
         if pre_processor is True:
             mean, std = model.feature_extractor.normalization
-            pre_processor = self.configure_pre_processor(image_size=image_size, mean=mean, std=std)
+            pre_processor = self.configure_pre_processor(image_size=size, mean=mean, std=std)
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -178,17 +180,25 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         """Load the backbone's pretrained weights when a fit starts, and only then.
 
         A trained checkpoint holds every backbone weight, so testing, predicting or exporting
-        one never looks for the ImageNet file (gone, or a URL on an offline machine). Lightning
-        calls this on every process before DDP wraps the model and before a checkpoint is restored.
+        one never looks for the ImageNet file. Lightning calls
+        this on every process before DDP wraps the model, before a checkpoint is restored and
+        before any data loader starts, so the datamodule's datasets get their damaged-file names here.
         """
         super().setup(stage)
+        datamodule = self.trainer.datamodule
+        for split in ("train_data", "val_data", "test_data"):
+            name_damaged_files(getattr(datamodule, split, None))
         if stage != TrainerFn.FITTING or self._backbone_weights_in_place:
             return
-        extractor = self.model.feature_extractor
-        extractor.load_pretrained()
+        self.model.feature_extractor.load_pretrained()
         self._backbone_weights_in_place = True
-        if extractor.shortcut is not None:  # ConTNet: saved with the checkpoint, which network was fitted
-            self.hparams["shortcut"] = extractor.shortcut
+
+    def on_predict_start(self) -> None:
+        """Datasets given to ``Engine.predict`` directly (``anomalib predict --data DIR``) name damaged files too."""
+        super().on_predict_start()
+        loaders = self.trainer.predict_dataloaders
+        for loader in [loaders] if isinstance(loaders, DataLoader) else loaders or ():
+            name_damaged_files(loader.dataset)
 
     def configure_callbacks(self) -> list[Callback]:
         """The component callbacks of anomalib, less those the trainer already holds from an earlier stage.
@@ -257,6 +267,12 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             raise NotFittedError(NOT_FITTED_MESSAGE)
         logger.info("Fitting per-position Gaussians on %d training images.", gaussian.samples_seen)
         gaussian.fit()
+        count, dims = int(gaussian.count), gaussian.mean.shape[-1]
+        if count <= dims and self.trainer.is_global_zero:
+            # Every fit says it, not only the first in a process (Python's default filter would stop a second
+            # fit's warning at the same line), while the user's filters still apply: no registry.
+            line = inspect.currentframe().f_lineno
+            warnings.warn_explicit(_few_images_message(count, dims, gaussian.epsilon), UserWarning, __file__, line)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ARG002
         """Predict a batch: validation (the post-processor learns thresholds there), test and prediction alike.
@@ -271,40 +287,25 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     test_step = predict_step = validation_step
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Mark the checkpoint as ConTNetPaDiM's, in the current format."""
+        """Mark the checkpoint as ConTNetPaDiM's, in the current format, with the arguments that shape the scores."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint[FORMAT_KEY] = FORMAT_VERSION
+        record_arguments(checkpoint, self.hparams)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with the reason, another model's checkpoint, another format, or damaged (NaN/Inf) entries.
+        """Make the model the checkpoint's, or refuse the checkpoint with the reason, before any state is loaded.
 
-        Runs before any state is loaded (Lightning's strict ``load_state_dict`` then checks
-        names and shapes), so a refused checkpoint leaves the model as it was.
+        Arguments left at their defaults take the checkpoint's values (the model is rebuilt
+        for them); one set otherwise must agree (:mod:`.checkpoint`). Another model's
+        checkpoint, another format, damaged entries and saved tensors that do not fit
+        together are refused. Lightning's strict ``load_state_dict`` then loads the state.
         """
-        version = checkpoint.get(FORMAT_KEY)
-        if version is None:
-            msg = (
-                f"not a ConTNetPaDiM checkpoint: it lacks the {FORMAT_KEY!r} entry every ConTNetPaDiM checkpoint "
-                "has. It was written by another model (for example anomalib's Padim, or a backbone weights file, "
-                "which is passed as weights=<file>); load it with the class that wrote it."
-            )
-            raise ValueError(msg)
-        if version != FORMAT_VERSION:
-            msg = (
-                f"this checkpoint has {FORMAT_KEY}={version!r}; this anomalib-contnet reads format {FORMAT_VERSION}. "
-                "Load it with the anomalib-contnet version that wrote it, or refit."
-            )
-            raise ValueError(msg)
+        refuse_unreadable(checkpoint)
+        defaults = {name: parameter.default for name, parameter in inspect.signature(ConTNetPaDiM).parameters.items()}
+        adopted = arguments_to_adopt(checkpoint, self.hparams, defaults)
+        if adopted:
+            self._rebuild_with(adopted)
         state_dict = checkpoint["state_dict"]
-        damaged = [key for key, value in state_dict.items() if not torch.is_tensor(value)]
-        damaged += list(non_finite_counts(state_dict, prefix="model."))  # would load silently and score NaN
-        if damaged:
-            msg = (
-                "this checkpoint holds NaN/Inf values (which would give NaN anomaly maps and scores) or entries "
-                "that are not tensors; the file is damaged or was saved from a model that diverged. Use an intact "
-                f"checkpoint or refit: {len(damaged)} entries, first {damaged[:3]}"
-            )
-            raise ValueError(msg)
+        self.model.refuse_inconsistent_state(state_dict, prefix="model.")
         prefix = "model.feature_extractor.backbone."
         backbone = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
         self.model.feature_extractor.match_saved_architecture(backbone)
@@ -312,6 +313,18 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             self._continue_from(checkpoint)
         super().on_load_checkpoint(checkpoint)
         self._backbone_weights_in_place = True
+
+    def _rebuild_with(self, arguments: Mapping[str, Any]) -> None:
+        """Rebuild the torch model with the checkpoint's ``arguments`` (untrained: the checkpoint holds the weights).
+
+        The pre-processor follows the checkpoint through anomalib's own restore of its settings.
+        """
+        logger.info("Building the checkpoint's model: %s.", ", ".join(f"{k}={v!r}" for k, v in arguments.items()))
+        self.hparams.update(arguments)
+        names = inspect.signature(ConTNetPaDiMModel).parameters
+        model = ConTNetPaDiMModel(**{name: self.hparams[name] for name in names} | {"pre_trained": False})
+        model.tiler = self.model.tiler
+        self.model = model.to(self.model.feature_index.device)
 
     def _continue_from(self, checkpoint: dict[str, Any]) -> None:
         """Let ``fit --ckpt_path`` add images to the checkpoint's Gaussians; refuse reloading them over a newer fit.

@@ -22,7 +22,10 @@ from anomalib.pre_processing.utils.transform import get_exportable_transform
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
-__all__ = ["AntialiasedResize", "ConTNetPreProcessor"]
+__all__ = ["DEFAULT_IMAGE_SIZE", "AntialiasedResize", "ConTNetPreProcessor"]
+
+DEFAULT_IMAGE_SIZE = (224, 224)
+"""The paper's input size, and ConTNet's ImageNet one."""
 
 
 def resampling_matrix(input_size: int, output_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -110,14 +113,24 @@ class ConTNetPreProcessor(PreProcessor):
         super().__init__()
         self._configure(image_size, mean, std)
 
-    def _configure(self, image_size: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> None:
-        """Set the settings and build the transform (and anomalib's export copy of it, the same computation)."""
+    def _configure(
+        self,
+        image_size: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        resize: AntialiasedResize | None = None,
+    ) -> None:
+        """Set the settings and build the transform (and anomalib's export copy of it, the same computation).
+
+        ``resize``, when given, is kept and set to ``image_size`` rather than replaced.
+        """
         self.image_size = tuple(int(side) for side in image_size)
         self.mean = tuple(float(value) for value in mean)
         self.std = tuple(float(value) for value in std)
-        self.transform = Compose(
-            [AntialiasedResize(self.image_size), Normalize(mean=list(self.mean), std=list(self.std))]
-        )
+        if resize is None:
+            resize = AntialiasedResize(self.image_size)
+        resize.size = list(self.image_size)
+        self.transform = Compose([resize, Normalize(mean=list(self.mean), std=list(self.std))])
         self.export_transform = get_exportable_transform(self.transform)
 
     def checkpoint_config(self) -> dict[str, Any]:
@@ -125,5 +138,9 @@ class ConTNetPreProcessor(PreProcessor):
         return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std)}
 
     def load_checkpoint_config(self, config: Mapping[str, Any]) -> None:
-        """Rebuild from :meth:`checkpoint_config`'s data."""
-        self._configure(config["image_size"], config["mean"], config["std"])
+        """Rebuild from :meth:`checkpoint_config`'s data, resizing with the same object at the checkpoint's size.
+
+        anomalib's datamodules put this resize into their datasets' augmentations when they are
+        set up, before ``--ckpt_path`` is loaded: a new object would leave them at the old size.
+        """
+        self._configure(config["image_size"], config["mean"], config["std"], resize=self.transform.transforms[0])

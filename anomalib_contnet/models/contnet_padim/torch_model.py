@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -87,6 +87,20 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(total, generator=generator)[:n_features].sort().values
+
+    def refuse_inconsistent_state(self, state: Mapping[str, torch.Tensor], prefix: str = "") -> None:
+        """Raise ValueError naming the saved channel subset or Gaussian tensors that this model cannot hold."""
+        index = state.get(f"{prefix}feature_index")
+        total = sum(self.feature_extractor.out_channels.values())
+        if index is None:
+            return  # strict loading names the missing key
+        if index.ndim != 1 or index.is_floating_point() or not bool(((index >= 0) & (index < total)).all()):
+            msg = (
+                f"the checkpoint's {prefix}feature_index must list channel numbers of the {total}-channel embedding, "
+                f"got shape {tuple(index.shape)} {index.dtype}: the file was edited; use it as saved, or refit"
+            )
+            raise ValueError(msg)
+        self.gaussian.refuse_inconsistent_state(state, f"{prefix}gaussian.", dims=index.numel())
 
     @property
     def tiler(self) -> Tiler | None:
