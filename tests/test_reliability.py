@@ -19,6 +19,7 @@ import pickle
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -250,6 +251,142 @@ def test_16bit_grayscale_training_image_stops_the_fit(tmp_path: Path) -> None:
     assert not list(work.rglob("*.ckpt"))
 
 
+def damage(path: Path, kind: str) -> Path:
+    """Replace ``path`` by a damaged file under the same name: a cut PNG, a cut JPEG, or text."""
+    pixels = smooth_rgb(5)
+    if kind == "text":
+        path.write_text("not an image\n")
+        return path
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG" if kind == "truncated_png" else "JPEG", quality=95)
+    path.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])  # Pillow reads the header, then runs out
+    return path
+
+
+DAMAGED_KINDS = ["truncated_png", "truncated_jpeg", "text"]
+
+
+@pytest.mark.parametrize("kind", DAMAGED_KINDS)
+@pytest.mark.parametrize(("where", "workers"), [("train/good/001.png", 2), ("test/good/000.png", 0)])
+def test_a_damaged_image_stops_fit_and_test_naming_the_file(kind: str, where: str, workers: int, tmp_path) -> None:
+    root = write_mvtec(tmp_path / "data", [(64, 64)] * 3)
+    bad = damage(root / CATEGORY / where, kind)
+    data = MVTecAD(root=root, category=CATEGORY, train_batch_size=2, eval_batch_size=2, num_workers=workers)
+    with pytest.raises(OSError, match="cannot decode") as raised:
+        engine(tmp_path / "work").train(model=small_model(), datamodule=data)
+    assert str(bad) in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", DAMAGED_KINDS)
+def test_a_damaged_mask_stops_the_test_naming_the_file(kind: str, tmp_path) -> None:
+    root = write_mvtec(tmp_path / "data", [(64, 64)] * 3)
+    bad = damage(root / CATEGORY / "ground_truth/spot/000_mask.png", kind)
+    with pytest.raises(OSError, match="cannot decode") as raised:
+        engine(tmp_path / "work").train(model=small_model(), datamodule=datamodule(root))
+    assert str(bad) in str(raised.value)
+    assert str(root / CATEGORY / "test/spot/000.png") not in str(raised.value)  # the intact image is not blamed
+
+
+@pytest.mark.parametrize("kind", DAMAGED_KINDS)
+def test_a_damaged_image_to_predict_is_named(kind: str, small_runs: SmallRuns, tmp_path: Path) -> None:
+    folder = tmp_path / "to_predict"
+    folder.mkdir()
+    Image.fromarray(smooth_rgb(9)).save(folder / "intact.png")
+    bad = damage(folder / "damaged.png", kind)
+    with pytest.raises(OSError, match="cannot decode") as raised:
+        engine(tmp_path / "work").predict(model=small_model(), data_path=folder, ckpt_path=small_runs.first.checkpoint)
+    assert str(bad) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"epsilon": float("inf")}, "epsilon must be positive and finite"),
+        ({"epsilon": float("nan")}, "epsilon must be positive and finite"),
+        ({"epsilon": 0.0}, "epsilon must be positive and finite"),
+        ({"sigma": 20.0, "image_size": (64, 64)}, r"radius 80 px, but the anomaly map is only 64x64 px.*below 15\.88"),
+        ({"sigma": 60.0}, r"radius 240 px, but the anomaly map is only 224x224"),
+        ({"sigma": 1e4}, r"radius 40000 px"),
+        ({"sigma": float("nan")}, "sigma must be positive and finite"),
+        ({"image_size": (0, 0)}, r"two positive whole numbers of pixels, got \(0, 0\)"),
+        ({"image_size": (-5, 64)}, r"two positive whole numbers of pixels, got \(-5, 64\)"),
+        ({"image_size": (64,)}, "image_size must be \\(height, width\\)"),
+        ({"image_size": (16, 4000), "sigma": 1.0}, r"too small for contnet_ti: each side must be at least 32 px"),
+        ({"layers": ("layer3", "layer9")}, r"no feature layer\(s\) \['layer9'\]; its feature layers are \['layer0'"),
+        (
+            {
+                "backbone": "efficientnet_lite0",
+                "layers": ("blocks.2", "blocks.6"),
+                "image_size": (16, 64),
+                "sigma": 1.0,
+            },
+            "too small for efficientnet_lite0: each side must be at least 32 px",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused_when_the_model_is_built(arguments: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        small_model(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda state: state.update({"model.gaussian.count": torch.tensor(-3)}), "count is -3"),
+        (lambda state: state.update({"model.gaussian.count": torch.tensor(2.5)}), "count must be one integer"),
+        (lambda state: state.update({"model.gaussian.count": torch.tensor(9)}), r"basis has shape .* make it"),
+        (
+            lambda state: state.update({"model.gaussian.mean": state["model.gaussian.mean"][:, :5]}),
+            r"mean has shape \(\d+, 5\), but .* make it",
+        ),
+        (
+            lambda state: state.update({"model.gaussian.basis": state["model.gaussian.basis"][..., :1]}),
+            r"basis has shape",
+        ),
+        (lambda state: state["model.gaussian.variances"].neg_(), r"variances holds \d+ negative values"),
+        (lambda state: state["model.feature_index"].add_(10_000), "feature_index must list channel numbers"),
+    ],
+)
+@pytest.mark.parametrize("incremental", [False, True])
+def test_edited_gaussians_are_refused_on_load_naming_the_tensor(
+    edit: Callable[[dict], object], named: str, incremental: bool, small_runs: SmallRuns, tmp_path: Path
+) -> None:
+    checkpoint = torch.load(small_runs.first.checkpoint, weights_only=True)
+    edit(checkpoint["state_dict"])
+    edited = tmp_path / "edited.ckpt"
+    torch.save(checkpoint, edited)
+    if incremental:  # anomalib fit --model.incremental true --ckpt_path edited.ckpt
+        model, data = small_model(incremental=True), datamodule(small_runs.root)
+        with pytest.raises(ValueError, match=named):
+            engine(tmp_path / "work").fit(model=model, datamodule=data, ckpt_path=edited)
+    else:
+        with pytest.raises(ValueError, match=named):
+            ConTNetPaDiM.load_from_checkpoint(edited)
+
+
+def test_a_timm_backbone_without_weights_offline_says_how_to_provide_them(small_runs: SmallRuns, tmp_path) -> None:
+    model = ConTNetPaDiM(backbone="resnet18", layers=("layer2", "layer3"), n_features=N_FEATURES)
+    with pytest.raises(
+        OSError, match=r"resnet18 from timm's source .*--model\.weights FILE.*--model\.pre_trained false"
+    ):
+        engine(tmp_path / "work").fit(model=model, datamodule=datamodule(small_runs.root))
+
+
+def test_the_gaussian_fits_from_a_module_level_script(tmp_path: Path) -> None:
+    script = tmp_path / "fit_gaussian.py"
+    script.write_text(
+        "import torch\n"
+        "from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian\n"
+        "gaussian = StreamingGaussian()\n"
+        "gaussian.update(torch.randn(3, 16, 2, 2))\n"
+        "gaussian.fit()\n"
+        "print('fitted', int(gaussian.count), gaussian.basis.shape[-1])\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-3:] == ["fitted", "3", "2"]  # 3 images span 2 directions
+
+
 def test_empty_training_folder_gets_torchs_message(tmp_path: Path) -> None:
     root = write_mvtec(tmp_path / "data", [])
     with pytest.raises(ValueError, match=r"num_samples should be a positive integer value, but got num_samples=0"):
@@ -414,23 +551,22 @@ def test_files_that_are_not_model_checkpoints(tmp_path: Path) -> None:
 
 
 def test_checkpoint_of_another_variant(small_runs: SmallRuns, tmp_path: Path) -> None:
-    """A contnet_s model's checkpoint given to a contnet_ti model: refused by Lightning's strict loading."""
-    checkpoint = torch.load(small_runs.first.checkpoint, weights_only=False)
-    other = small_model(backbone="contnet_s").model.state_dict()
-    checkpoint["state_dict"] = {
-        key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("model.")
-    }
-    checkpoint["state_dict"] |= {f"model.{key}": value for key, value in other.items()}
-    checkpoint["hyper_parameters"]["backbone"] = "contnet_s"
+    """A contnet_s checkpoint: contnet_s is built when the backbone is left at its default, else refused."""
+    fitted = fit(small_runs.root, tmp_path / "fit", small_model(backbone="contnet_s"), train_batch_size=3)
     path = tmp_path / "contnet_s.ckpt"
-    torch.save(checkpoint, path)
-
-    mismatch = r"size mismatch for model\.feature_extractor\.backbone\."
-    with pytest.raises(RuntimeError, match=mismatch):
+    fitted.trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"backbone='contnet_ti' contradicts the checkpoint.*backbone='contnet_s'"):
         engine(tmp_path / "work").predict(model=small_model(), datamodule=datamodule(small_runs.root), ckpt_path=path)
-    with pytest.raises(RuntimeError, match=mismatch):
+    with pytest.raises(ValueError, match="backbone='contnet_ti' contradicts the checkpoint"):
         ConTNetPaDiM.load_from_checkpoint(path, backbone="contnet_ti")
     assert ConTNetPaDiM.load_from_checkpoint(path).hparams["backbone"] == "contnet_s"
+    defaults = ConTNetPaDiM(pre_trained=False)  # contnet_b, all channels: both follow the checkpoint
+    predictions = engine(tmp_path / "work").predict(
+        model=defaults, datamodule=datamodule(small_runs.root), ckpt_path=path
+    )
+    assert defaults.model.feature_extractor.name == "contnet_s"
+    assert defaults.model.feature_index.numel() == N_FEATURES
+    assert all(torch.isfinite(batch.pred_score).all() for batch in predictions)
 
 
 @pytest.fixture(scope="module")

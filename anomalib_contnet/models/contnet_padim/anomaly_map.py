@@ -17,21 +17,23 @@ from anomalib.models.components.filters import GaussianBlur2d
 from anomalib.models.components.filters.blur import compute_kernel_size
 from torch import nn
 
-__all__ = ["AnomalyMapGenerator", "refuse_sigma_too_large"]
+__all__ = ["AnomalyMapGenerator", "refuse_bad_sigma"]
 
 
-def refuse_sigma_too_large(sigma: float, image_size: tuple[int, int]) -> None:
-    """Raise ValueError unless the smoothing kernel of ``sigma`` fits an ``image_size`` map (reflected borders).
+def refuse_bad_sigma(sigma: float, image_size: tuple[int, int] | None = None) -> None:
+    """Raise ValueError unless ``sigma`` is positive, finite and its kernel fits an ``image_size`` map.
 
-    Reflection needs a kernel radius (``int(4 * sigma + 0.5)``, anomalib's) below both map sides.
+    Reflected borders need a kernel radius (``int(4 * sigma + 0.5)``, anomalib's) below both map sides.
     """
+    if not 0 < sigma < math.inf:
+        msg = f"sigma must be positive and finite, got {sigma}"
+        raise ValueError(msg)
     radius = compute_kernel_size(sigma) // 2
-    if radius >= min(image_size):
-        largest = (min(image_size) - 0.5) / 4
+    if image_size is not None and radius >= min(image_size):
         msg = (
             f"sigma={sigma} needs a smoothing kernel of radius {radius} px, but the anomaly map is only "
             f"{image_size[0]}x{image_size[1]} px (reflected borders need a radius below both sides): choose "
-            f"sigma below {largest:.2f} or a larger image_size"
+            f"sigma below {(min(image_size) - 0.5) / 4:.2f} or a larger image_size"
         )
         raise ValueError(msg)
 
@@ -48,9 +50,7 @@ class AnomalyMapGenerator(nn.Module):
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
-        if not 0 < sigma < math.inf:
-            msg = f"sigma must be positive and finite, got {sigma}"
-            raise ValueError(msg)
+        refuse_bad_sigma(sigma)
         kernel_size = compute_kernel_size(sigma)
         # anomalib's 2-D kernel (kept as the source of truth and in the saved state) is an outer product of
         # two normalised 1-D Gaussians, so its row sums are the vertical 1-D kernel.

@@ -101,11 +101,14 @@ class _Moments:
 
     def add(self, samples: torch.Tensor) -> None:
         """Add (P, b, D) samples in place: kept while there are at most ``D`` in all, else into the matrix."""
-        size, mean = samples.shape[1], samples.mean(dim=1, dtype=torch.float64)
+        size = samples.shape[1]
         if self.matrix is None and self.count + size <= self.dims:
+            mean = samples.mean(dim=1, dtype=torch.float64)
             self._keep(samples)
-        else:  # the batch's own scatter, from float64 rows centred on its mean: no (P, D, D) temporary
-            centred = samples - mean.unsqueeze(1)
+        else:  # the batch's own scatter, from one float64 copy centred in place (``float32 - float64`` makes two)
+            centred = samples.to(torch.float64, copy=True)
+            mean = centred.mean(dim=1)
+            centred -= mean.unsqueeze(1)
             self._matrix().baddbmm_(centred.mT, centred)
         self._merge_mean(size, mean)
 
@@ -159,7 +162,7 @@ class _Moments:
             return self.matrix
         matrix = self.mean.new_zeros(*self.mean.shape, self.dims)
         for block in self.blocks():
-            centred = block - self.mean.unsqueeze(1)
+            centred = block.to(torch.float64, copy=True).sub_(self.mean.unsqueeze(1))
             matrix.baddbmm_(centred.mT, centred)
         return matrix
 
@@ -183,7 +186,7 @@ class _Moments:
                 values[position] = ascending_values.flip(-1)[:rank]
                 vectors[position] = ascending_vectors.flip(-1)[:, :rank]
                 continue
-            rows = torch.cat([block[position] for block in blocks]) - self.mean[position]
+            rows = torch.cat([block[position] for block in blocks]).double().sub_(self.mean[position])
             ascending_values, ascending_vectors = torch.linalg.eigh(rows @ rows.mT)
             top_values, top_vectors = ascending_values.flip(-1)[:rank], ascending_vectors.flip(-1)[:, :rank]
             negligible = top_values <= top_values[:1] * rank * torch.finfo(top_values.dtype).eps

@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from anomalib_contnet.models.contnet_padim.anomaly_map import refuse_sigma_too_large
+from anomalib_contnet.models.contnet_padim.anomaly_map import refuse_bad_sigma
 from anomalib_contnet.models.contnet_padim.checkpoint import (
     arguments_to_adopt,
     record_arguments,
@@ -122,7 +122,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         size = _checked_image_size(image_size)
-        refuse_sigma_too_large(sigma, size)  # before the blur kernel is built: it grows with sigma squared
+        refuse_bad_sigma(sigma, size)  # before the blur kernel is built: it grows with sigma squared
         model = ConTNetPaDiMModel(
             backbone=backbone,
             layers=tuple(layers),
@@ -177,21 +177,25 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         return LearningType.ONE_CLASS
 
     def setup(self, stage: str) -> None:
-        """Load the backbone's pretrained weights when a fit starts, and only then.
+        """Give the datamodule's datasets their damaged-file names (:mod:`.image_files`).
 
-        A trained checkpoint holds every backbone weight, so testing, predicting or exporting
-        one never looks for the ImageNet file. Lightning calls
-        this on every process before DDP wraps the model, before a checkpoint is restored and
-        before any data loader starts, so the datamodule's datasets get their damaged-file names here.
+        Lightning calls this on every process before any data loader starts its workers.
         """
         super().setup(stage)
         datamodule = self.trainer.datamodule
         for split in ("train_data", "val_data", "test_data"):
             name_damaged_files(getattr(datamodule, split, None))
-        if stage != TrainerFn.FITTING or self._backbone_weights_in_place:
-            return
-        self.model.feature_extractor.load_pretrained()
-        self._backbone_weights_in_place = True
+
+    def on_fit_start(self) -> None:
+        """Load the backbone's pretrained weights when a fit starts, unless a checkpoint already brought them.
+
+        Lightning restores ``fit --ckpt_path`` before this hook, so continuing a fitted model,
+        like testing, predicting or exporting one, never looks for the ImageNet file.
+        """
+        super().on_fit_start()
+        if not self._backbone_weights_in_place:
+            self.model.feature_extractor.load_pretrained()
+            self._backbone_weights_in_place = True
 
     def on_predict_start(self) -> None:
         """Datasets given to ``Engine.predict`` directly (``anomalib predict --data DIR``) name damaged files too."""
