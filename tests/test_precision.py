@@ -19,12 +19,20 @@ from anomalib_contnet.data import make_tiny_mvtec
 
 CATEGORY = "brick"
 
-SCORE_TOLERANCE = 3e-3
-"""Largest image-score change allowed, relative to the largest float32 score.
+BFLOAT16_UNIT_ROUNDOFF = 2.0**-8
+"""bfloat16 keeps 8 significant bits: one rounding changes a value by at most this much, relatively."""
 
-Measured here: 3.4e-4 (bfloat16 features differ from float32 ones by about 1 %, but
-the distance sums over 1152 dimensions, whose rounding errors mostly cancel). The
-margin of about 9x leaves room for other CPUs' bfloat16 kernels.
+SCORE_TOLERANCE = 4 * BFLOAT16_UNIT_ROUNDOFF
+"""Largest image-score change allowed, relative to the largest float32 score: 4 bfloat16 roundings (1.6e-2).
+
+The scores compare two fits, one with float32 and one with bfloat16 features. A score is a
+(smoothed, maximal) Mahalanobis distance, a Euclidean norm of a linear map of the residual
+``x - mean``, so its relative change is that of the residual: one rounding for the features
+(the last stage's output is stored in bfloat16), one for the fitted mean (an average of such
+features), and the errors the earlier stages pass on, which their normalisations keep at the
+same relative order (allowed two more). Within this budget, CPUs differ in how they round
+inside bfloat16 kernels: 0.09 roundings measured on an Intel Xeon with AMX, 0.81 on an AMD
+EPYC with AVX512-BF16. A float32 run changes nothing (the test also asks for a change above 0).
 """
 
 

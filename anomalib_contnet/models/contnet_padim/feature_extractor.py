@@ -1,9 +1,10 @@
 """The frozen backbone: feature maps of chosen stages of any timm model, ConTNet included.
 
 Every backbone is built by ``timm.create_model(..., features_only=True)``, so there is one
-feature path to export, test and time. It starts with seeded untrained weights; the
-pretrained ones are loaded only when a fit starts (:meth:`FrozenFeatureExtractor.load_pretrained`),
-so a trained checkpoint, which holds every backbone weight, never needs the ImageNet file.
+feature path to export, test and time. ``pre_trained`` loads the ImageNet weights when it is
+built; an untrained one starts from seeded weights, and can take the pretrained ones later
+(:meth:`FrozenFeatureExtractor.load_pretrained`: the Lightning model does so when a fit starts,
+so that a trained checkpoint, which holds every backbone weight, never needs the ImageNet file).
 """
 
 from __future__ import annotations
@@ -38,16 +39,11 @@ class FrozenFeatureExtractor(nn.Module):
         layers: the requested layer names, in the order their channels are concatenated.
         out_channels: channels of each requested layer.
         normalization: (mean, std) the backbone was trained with (its ``pretrained_cfg``), for the pre-processor.
-        weights: explicit checkpoint (path, or URL for ConTNet) of the pretrained weights, or None for the
-            default lookup (ConTNet: file variable, cache, published URL; other models: timm's own source).
-        wants_pretrained: whether fitting needs pretrained weights (False: the seeded untrained features are used).
     """
 
     def __init__(self, name: str, layers: Sequence[str], pre_trained: bool, weights: str | None) -> None:
         super().__init__()
         self.name = name
-        self.weights = weights
-        self.wants_pretrained = pre_trained or weights is not None
         with torch.device("meta"):  # only to read the stages: costs neither memory nor random numbers
             info = timm.create_model(name, features_only=True).feature_info
         available = info.module_name()
@@ -61,23 +57,44 @@ class FrozenFeatureExtractor(nn.Module):
         self._positions = {layer: available.index(layer) for layer in self.layers}  # in the backbone's output list
         self.out_channels = {layer: info.channels()[position] for layer, position in self._positions.items()}
         self.min_input_side = max(info.reduction()[position] for position in self._positions.values())
-        self.backbone = self._create(pretrained=False)
+        self.backbone = (
+            self._create_pretrained(weights) if pre_trained or weights is not None else self._create_untrained()
+        )
         config = self.backbone.pretrained_cfg
         self.normalization = (tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD)))
         self.eval()
 
-    def _create(self, pretrained: bool, **architecture: Any) -> nn.Module:
-        """Build the feature network; ``architecture`` reaches the model's constructor (ConTNet: ``avg_down``)."""
-        overlay = {"file": str(self.weights)} if pretrained and self.weights is not None else None
+    def _create_untrained(self, **architecture: Any) -> nn.Module:
+        """Build the feature network with initial weights; ``architecture`` reaches ConTNet's ``avg_down``."""
         return timm.create_model(
-            self.name,
-            features_only=True,
-            out_indices=self.out_indices,
-            exportable=True,
-            pretrained=pretrained,
-            pretrained_cfg_overlay=overlay,
-            **architecture,
+            self.name, features_only=True, out_indices=self.out_indices, exportable=True, **architecture
         )
+
+    def _create_pretrained(self, weights: str | None) -> nn.Module:
+        """Build the feature network with pretrained weights from ``weights`` or the default lookup.
+
+        ``weights`` is a path (or a URL for ConTNet); None is the lookup (ConTNet: file
+        variable, cache, published URL; other models: timm's own source).
+        """
+        overlay = {"file": str(weights)} if weights is not None else None
+        try:
+            return timm.create_model(
+                self.name,
+                features_only=True,
+                out_indices=self.out_indices,
+                exportable=True,
+                pretrained=True,
+                pretrained_cfg_overlay=overlay,
+            )
+        except OSError as error:
+            if is_contnet(self.name):  # ConTNet's lookup says where to put the file already
+                raise
+            msg = (
+                f"could not get the pretrained weights of {self.name} from timm's source ({error}). Offline, pass a "
+                f"local copy with --model.weights FILE (a timm state dict of {self.name}), or use "
+                "--model.pre_trained false for untrained features (useful only for tests)."
+            )
+            raise OSError(msg) from error
 
     def refuse_input_size(self, image_size: Sequence[int]) -> None:
         """Raise ValueError unless both sides of ``image_size`` leave room for one cell of the deepest layer."""
@@ -107,26 +124,14 @@ class FrozenFeatureExtractor(nn.Module):
         """Stay in eval mode whatever Lightning asks: the backbone is a fixed, pretrained feature map."""
         return super().train(False)
 
-    def load_pretrained(self) -> None:
-        """Replace the untrained backbone by the pretrained one, on the same device.
+    def load_pretrained(self, weights: str | None = None) -> None:
+        """Replace the backbone by the pretrained one (from ``weights``, else the default lookup), same device.
 
-        ConTNet's weights come from ``weights`` or the package's lookup, whose
-        :class:`~anomalib_contnet.backbones.weight_files.WeightsError` says what to
-        do; the file's keys decide which shortcut network is built. Other models
-        load ``weights`` when given, else timm's own source.
+        ConTNet's weights come from the package's lookup, whose
+        :class:`~anomalib_contnet.backbones.weight_files.WeightsError` says what to do;
+        the file's keys decide which shortcut network is built.
         """
-        try:
-            backbone = self._create(pretrained=True)
-        except OSError as error:
-            if is_contnet(self.name):  # ConTNet's lookup says where to put the file already
-                raise
-            msg = (
-                f"could not get the pretrained weights of {self.name} from timm's source ({error}). Offline, pass a "
-                f"local copy with --model.weights FILE (a timm state dict of {self.name}), or use "
-                "--model.pre_trained false for untrained features (useful only for tests)."
-            )
-            raise OSError(msg) from error
-        self._replace_backbone(backbone)
+        self._replace_backbone(self._create_pretrained(weights))
 
     def match_saved_architecture(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Rebuild the backbone when ``state_dict`` (keys relative to the backbone) is another architecture.
@@ -141,7 +146,7 @@ class FrozenFeatureExtractor(nn.Module):
             return
         avg_down = shortcut_of_state_dict(state_dict)
         if avg_down is not None and SHORTCUT_NAMES[avg_down] != self.shortcut:
-            self._replace_backbone(self._create(pretrained=False, avg_down=avg_down))
+            self._replace_backbone(self._create_untrained(avg_down=avg_down))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return {layer: (B, C, h, w)} for the requested layers."""
@@ -154,10 +159,9 @@ def build_feature_extractor(
 ) -> FrozenFeatureExtractor:
     """The one place that turns a backbone name into a frozen feature extractor.
 
-    The backbone starts untrained, initialised from a fixed seed without touching
-    the global random state: the same settings always give the same features, so
-    runs with untrained features (``pre_trained=False`` and no ``weights``) are
-    comparable. Pretrained weights come later, from :meth:`FrozenFeatureExtractor.load_pretrained`.
+    An untrained backbone is initialised from a fixed seed without touching the global
+    random state: the same settings always give the same features, so runs with
+    untrained features (``pre_trained=False`` and no ``weights``) are comparable.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(UNTRAINED_INIT_SEED)

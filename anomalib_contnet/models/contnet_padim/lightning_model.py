@@ -26,11 +26,10 @@ from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.visualization import Visualizer
-from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from anomalib_contnet.models.contnet_padim.anomaly_map import refuse_bad_sigma
 from anomalib_contnet.models.contnet_padim.checkpoint import (
@@ -41,6 +40,7 @@ from anomalib_contnet.models.contnet_padim.checkpoint import (
 from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
 from anomalib_contnet.models.contnet_padim.image_files import name_damaged_files, refuse_high_bit_depth
 from anomalib_contnet.models.contnet_padim.pre_processor import DEFAULT_IMAGE_SIZE, ConTNetPreProcessor
+from anomalib_contnet.models.contnet_padim.sampler_padding import real_samples
 from anomalib_contnet.models.contnet_padim.torch_model import NOT_FITTED_MESSAGE, ConTNetPaDiMModel, NotFittedError
 from anomalib_contnet.models.staged_export import AtomicExportMixin
 
@@ -81,9 +81,10 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         backbone: ``contnet_b`` (the paper's), another ConTNet variant
             (``contnet_ti``, ``contnet_s``, ``contnet_m``) or any timm model name.
         layers: backbone stages to combine (see module docstring).
-        pre_trained: use ImageNet weights (ConTNet weights are looked up locally,
-            then downloaded; see ``anomalib-contnet weights --help``). ``False``
-            gives untrained features, useful only for tests.
+        pre_trained: fit on the backbone's ImageNet weights (ConTNet's are looked up locally, then
+            downloaded; see ``anomalib-contnet weights --help``). They are loaded when a fit starts:
+            a fitted checkpoint holds every weight, so testing, predicting and exporting one never
+            need the file. ``False`` gives untrained features, useful only for tests.
         weights: local path or URL of backbone weights; overrides the lookup.
         n_features: random subset of embedding channels to keep (all by default).
         feature_seed: seed of that subset.
@@ -93,7 +94,10 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             afresh: ``load_from_checkpoint(path, incremental=True)`` then ``Engine().fit``
             gives the Gaussians of one fit on the earlier and the new images together. Saved
             with the checkpoint like every argument: load with ``incremental=False`` to refit.
-        image_size: input size of the default pre-processor (at least 32 px; multiples of 224 need no padding).
+        image_size: input size of the default pre-processor (at least the deepest layer's stride).
+
+    Loading a checkpoint (``--ckpt_path``, ``load_from_checkpoint``), the arguments left at their
+    defaults take the checkpoint's values and contradicting ones are refused (:mod:`.checkpoint`).
         pre_processor, post_processor, evaluator, visualizer: anomalib components,
             ``True`` for the defaults.
 
@@ -123,11 +127,10 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     ) -> None:
         size = _checked_image_size(image_size)
         refuse_bad_sigma(sigma, size)  # before the blur kernel is built: it grows with sigma squared
-        model = ConTNetPaDiMModel(
+        model = ConTNetPaDiMModel(  # untrained until a fit starts (on_fit_start): checkpoints hold every weight
             backbone=backbone,
             layers=tuple(layers),
-            pre_trained=pre_trained,
-            weights=weights,
+            pre_trained=False,
             n_features=n_features,
             feature_seed=feature_seed,
             epsilon=epsilon,
@@ -146,7 +149,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         self.model: ConTNetPaDiMModel = model
         self.incremental = incremental
         self._train_samples_seen = 0
-        self._backbone_weights_in_place = not model.feature_extractor.wants_pretrained
+        self._needs_pretrained_weights = pre_trained or weights is not None
 
     @classmethod
     def configure_pre_processor(
@@ -193,9 +196,9 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         like testing, predicting or exporting one, never looks for the ImageNet file.
         """
         super().on_fit_start()
-        if not self._backbone_weights_in_place:
-            self.model.feature_extractor.load_pretrained()
-            self._backbone_weights_in_place = True
+        if self._needs_pretrained_weights:
+            self.model.feature_extractor.load_pretrained(self.hparams.weights)
+            self._needs_pretrained_weights = False
 
     def on_predict_start(self) -> None:
         """Datasets given to ``Engine.predict`` directly (``anomalib predict --data DIR``) name damaged files too."""
@@ -203,15 +206,6 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         loaders = self.trainer.predict_dataloaders
         for loader in [loaders] if isinstance(loaders, DataLoader) else loaders or ():
             name_damaged_files(loader.dataset)
-
-    def configure_callbacks(self) -> list[Callback]:
-        """The component callbacks of anomalib, less those the trainer already holds from an earlier stage.
-
-        Returned again, Lightning would replace them by themselves and log that they
-        "will override existing callbacks" at every ``Engine.test``/``predict`` after a fit.
-        """
-        attached = self._trainer.callbacks if self._trainer is not None else []
-        return [callback for callback in super().configure_callbacks() if all(callback is not a for a in attached)]
 
     def on_train_epoch_start(self) -> None:
         """Start a fit: from scratch, or (``incremental``) from the fitted Gaussians' statistics.
@@ -234,28 +228,10 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         refuse_high_bit_depth(batch.image_path)
         embedding = self.model.extract_embedding(batch.image)
         self.model.raise_if_non_finite(embedding, "features of training images")
-        keep = self._not_padding(embedding.shape[0])
-        self.model.gaussian.update(embedding if keep is None else embedding[keep])
+        first, self._train_samples_seen = self._train_samples_seen, self._train_samples_seen + embedding.shape[0]
+        keep = real_samples(getattr(self.trainer.train_dataloader, "sampler", None), first, embedding.shape[0])
+        self.model.gaussian.update(embedding if keep is None else embedding[keep.to(self.device)])
         return torch.zeros((), device=self.device, requires_grad=True)
-
-    def _not_padding(self, batch_size: int) -> torch.Tensor | None:
-        """Mask of the samples that are not DistributedSampler padding, or None when nothing is padded.
-
-        The sampler repeats samples so that every process gets as many, which would bias the
-        Gaussian; the repeats sit past the dataset length in its interleaved order, where this
-        process's k-th sample is at ``rank + k * world_size``.
-        """
-        first = self._train_samples_seen
-        self._train_samples_seen += batch_size
-        trainer = self._trainer
-        loader = trainer.train_dataloader if trainer is not None else None
-        sampler = getattr(loader, "sampler", None)
-        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
-            return None
-        dataset_length = len(sampler.dataset)  # type: ignore[arg-type]
-        positions = sampler.rank + sampler.num_replicas * torch.arange(first, first + batch_size)
-        keep = positions < dataset_length
-        return None if bool(keep.all()) else keep.to(self.device)
 
     def fit(self) -> None:
         """Turn the statistics of all training batches (of all processes) into the Gaussians.
@@ -316,7 +292,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         if self.incremental and self._trainer is not None:
             self._continue_from(checkpoint)
         super().on_load_checkpoint(checkpoint)
-        self._backbone_weights_in_place = True
+        self._needs_pretrained_weights = False
 
     def _rebuild_with(self, arguments: Mapping[str, Any]) -> None:
         """Rebuild the torch model with the checkpoint's ``arguments`` (untrained: the checkpoint holds the weights).
@@ -325,8 +301,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         """
         logger.info("Building the checkpoint's model: %s.", ", ".join(f"{k}={v!r}" for k, v in arguments.items()))
         self.hparams.update(arguments)
-        names = inspect.signature(ConTNetPaDiMModel).parameters
-        model = ConTNetPaDiMModel(**{name: self.hparams[name] for name in names} | {"pre_trained": False})
+        shape = set(inspect.signature(ConTNetPaDiMModel).parameters) - {"pre_trained", "weights"}
+        model = ConTNetPaDiMModel(**{name: self.hparams[name] for name in shape}, pre_trained=False)
         model.tiler = self.model.tiler
         self.model = model.to(self.model.feature_index.device)
 

@@ -188,33 +188,45 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
             )
             raise NonFiniteError(msg)
 
-    def forward(self, images: torch.Tensor) -> InferenceBatch:
-        """Anomaly map (B, 1, H, W) and image score (B, 1) = the map's maximum.
-
-        NaN/Inf scores raise :class:`NonFiniteError` in eager mode only: a data-dependent branch
-        cannot be exported, and exported graphs come from models whose weights were checked on load.
-        """
+    def _validate_embedding(self, embedding: torch.Tensor) -> None:
+        """Refuse an unfitted model, and inputs whose grid is not the fitted one (shapes only: export-safe)."""
         if not self.gaussian.is_fitted:
             raise NotFittedError(NOT_FITTED_MESSAGE)
-        with torch.no_grad():
-            embedding, covered_size = self._embed(images)
         fitted_positions = self.gaussian.mean.shape[0]
-        if embedding.shape[-2] * embedding.shape[-1] != fitted_positions:  # shapes only: export-safe
+        if embedding.shape[-2] * embedding.shape[-1] != fitted_positions:
             msg = (
                 f"the Gaussians were fitted on {fitted_positions} patch positions, but these inputs give a "
                 f"{embedding.shape[-2]}x{embedding.shape[-1]} grid (tiling {'on' if self.tiler else 'off'}): predict "
                 "with the image size and tiling (TilerConfigurationCallback) the model was trained with"
             )
             raise ValueError(msg)
-        # Under Lightning's mixed precision only the backbone runs in 16 bits: distances in bfloat16 would lose
-        # the third significant digit. Not entered while exporting (no autocast there, and no context in the graph).
-        device = images.device.type
-        full_precision = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else None
-        with full_precision or contextlib.nullcontext():
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Anomaly map (B, 1, H, W) and image score (B, 1) = the map's maximum.
+
+        NaN/Inf scores raise :class:`NonFiniteError` in eager mode only: a data-dependent branch
+        cannot be exported, and exported graphs come from models whose weights were checked on load.
+        """
+        with torch.no_grad():
+            embedding, covered_size = self._embed(images)
+        self._validate_embedding(embedding)
+        with _float32(images.device.type):
             distances = self.gaussian(embedding)
-            anomaly_map = self.anomaly_map_generator(distances, covered_size)
-        anomaly_map = anomaly_map[..., : images.shape[-2], : images.shape[-1]]
+            anomaly_map = self.anomaly_map_generator(distances, covered_size)[
+                ..., : images.shape[-2], : images.shape[-1]
+            ]
         pred_score = torch.amax(anomaly_map, dim=(-2, -1))  # NaN anywhere in a map propagates to its score
         if not torch.compiler.is_compiling():  # True while torch.export / torch.onnx.export(dynamo=True) trace
             self.raise_if_non_finite(pred_score, "anomaly scores")
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+
+def _float32(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off where Lightning's mixed precision turned it on: only the backbone runs in 16 bits.
+
+    Distances in bfloat16 would lose their third significant digit. Exports trace without
+    autocast, so the graph holds no context.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
