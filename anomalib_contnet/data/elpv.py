@@ -14,7 +14,6 @@ repeat the image label (the marker says ``"pixel_labels": "whole image"``) and m
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 from collections.abc import Sequence
@@ -24,23 +23,14 @@ from pathlib import Path
 from PIL import Image
 
 from anomalib_contnet.data.layout import DatasetPrepareError, category_folder, check_names
+from anomalib_contnet.data.order import seeded_order
 
-__all__ = ["ELPV_CATEGORIES", "prepare_elpv", "seeded_order"]
+__all__ = ["ELPV_CATEGORIES", "prepare_elpv"]
 
 ELPV_CATEGORIES: dict[str, str] = {"elpv_mono": "mono", "elpv_poly": "poly"}
 """Category folder name -> ELPV module type."""
 TRAIN_FRACTION = 0.8
 """Share of the functional cells that trains: most, as in MVTec AD, still leaving 118 mono / 184 poly to test."""
-
-
-def seeded_order(names: list[str], seed: int) -> list[str]:
-    """Shuffle ``names`` by the sha256 of ``"<seed>:<name>"``.
-
-    Unlike a NumPy permutation, this order depends on nothing but the seed and the names,
-    so it is the same on every platform and library version, and adding a name never
-    reorders the others.
-    """
-    return sorted(names, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).hexdigest())
 
 
 def prepare_elpv(

@@ -9,7 +9,8 @@ and pixel metrics mean what they say.
 Training crops come from the upper part of each photograph and test crops from the disjoint
 lower part, so a test image is never a shifted copy of a training image. Every image draws from
 its own random stream (seed, category, split, index), so the first images of a small set equal
-those of a large one made with the same seed and sizes.
+those of a large one made with the same seed and sizes. :func:`render_normal` and
+:func:`render_defective` give those images in memory, at any size, without writing a folder.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from anomalib_contnet.data.layout import DatasetPrepareError, category_folder, c
 __all__ = [
     "DEFECT_TYPES",
     "TEXTURE_CATEGORIES",
-    "draw_defect",
     "load_texture",
     "make_tiny_mvtec",
     "prepare_textures",
@@ -111,10 +111,11 @@ def make_tiny_mvtec(
     image_size: int = 64,
     seed: int = 0,
 ) -> Path:
-    """Write a tiny texture category for tests and return ``root`` (the value for ``MVTecAD(root=...)``).
+    """Write a tiny texture category and return ``root`` (the value for ``MVTecAD(root=...)``).
 
-    The defaults make 16 images of 64x64 px in well under a second, whose ``stain`` defects
-    (large colour-cast blobs) any working detector separates from the normal images.
+    For a first try of the plugin, a smoke run or a test: the defaults make 16 images of
+    64x64 px in well under a second, whose ``stain`` defects (large colour-cast blobs) any
+    working detector separates from the normal images.
     """
     sizes = {"n_train": n_train, "n_test_good": n_test_good, "n_test_defect": n_test_defect}
     prepare_textures(root, seed=seed, categories=(category,), image_size=image_size, defect_types=("stain",), **sizes)
@@ -132,13 +133,13 @@ def texture_bands(texture: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": texture[:split_row], "test": texture[split_row:]}
 
 
-def image_rng(seed: int, category: str, stream: str, index: int) -> np.random.Generator:
+def _image_rng(seed: int, category: str, stream: str, index: int) -> np.random.Generator:
     """Independent random stream for one image, so no image depends on how many others are made."""
     words = [int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") for text in (category, stream)]
     return np.random.default_rng([seed, *words, index])
 
 
-def sample_crop(band: np.ndarray, crop_size: int, image_size: int, rng: np.random.Generator) -> np.ndarray:
+def _sample_crop(band: np.ndarray, crop_size: int, image_size: int, rng: np.random.Generator) -> np.ndarray:
     """Cut a random square from ``band``, apply a random flip/rotation, resize to ``image_size``; return RGB uint8."""
     height, width = band.shape
     if crop_size > min(height, width):
@@ -156,7 +157,7 @@ def sample_crop(band: np.ndarray, crop_size: int, image_size: int, rng: np.rando
     return np.repeat(np.ascontiguousarray(crop)[:, :, None], 3, axis=2)
 
 
-def draw_defect(image: np.ndarray, defect_type: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _draw_defect(image: np.ndarray, defect_type: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(defective copy of image, boolean mask of exactly the altered pixels)``.
 
     The shape is drawn with sizes relative to the image side, so defects stay
@@ -187,16 +188,16 @@ def render_normal(
     band: np.ndarray, seed: int, category: str, stream: str, index: int, crop_size: int, image_size: int
 ) -> np.ndarray:
     """The ``index``-th normal image of ``stream`` (``"train"`` or ``"test/good"``) of a category."""
-    return sample_crop(band, crop_size, image_size, image_rng(seed, category, stream, index))
+    return _sample_crop(band, crop_size, image_size, _image_rng(seed, category, stream, index))
 
 
 def render_defective(
     band: np.ndarray, seed: int, category: str, index: int, defect_type: str, crop_size: int, image_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``index``-th defective test image of a category: ``(normal crop, defective image, mask)``."""
-    rng = image_rng(seed, category, "test/defect", index)
-    normal = sample_crop(band, crop_size, image_size, rng)
-    defective, mask = draw_defect(normal, defect_type, rng)
+    rng = _image_rng(seed, category, "test/defect", index)
+    normal = _sample_crop(band, crop_size, image_size, rng)
+    defective, mask = _draw_defect(normal, defect_type, rng)
     return normal, defective, mask
 
 

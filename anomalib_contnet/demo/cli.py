@@ -11,7 +11,6 @@ built in a staging folder and renamed into place at the end: a failed run leaves
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from matplotlib.figure import Figure
 from anomalib_contnet.atomic_files import staged_folder
 from anomalib_contnet.backbones.weight_files import WEIGHTS_ENV, WeightsError, resolve_weights
 from anomalib_contnet.data import DatasetPrepareError
-from anomalib_contnet.data.elpv import seeded_order
+from anomalib_contnet.data.order import seeded_order
 from anomalib_contnet.evaluation import configs
 from anomalib_contnet.evaluation.subsets import CategorySubset, ensure_category, select_images
 from anomalib_contnet.evaluation.worker import JobSpec, fit, score
@@ -107,8 +106,8 @@ def run_demo(args: argparse.Namespace) -> None:
         init_args = {"backbone": config.backbone, "layers": list(config.layers), **weights.init_args}
         data = {"dataset_root": str(subset.root), "category": subset.category, "pixel_labels": subset.pixel_labels}
         # post_processing: the exported graph normalises the scores and thresholds them.
-        spec = JobSpec("demo", "contnet_padim", init_args, **data, work_dir=str(staging), post_processing=True)
-        spec = dataclasses.replace(spec, image_size=args.image_size, seed=args.seed)
+        options = {"image_size": args.image_size, "seed": args.seed, "post_processing": True}
+        spec = JobSpec("demo", "contnet_padim", init_args, **data, work_dir=str(staging), **options)
         print("[demo] fitting ConTNetPaDiM and scoring the test images ...", flush=True)
         model, engine, datamodule = fit(spec)
         engine.trainer.save_checkpoint(staging / "model.ckpt", weights_only=False)  # all of it, said explicitly

@@ -23,7 +23,7 @@ from anomalib_contnet.data import (
     prepare_elpv,
     prepare_textures,
 )
-from anomalib_contnet.data.elpv import seeded_order
+from anomalib_contnet.data.order import seeded_order
 from anomalib_contnet.evaluation.paper import MVTEC_AD_OBJECTS, MVTEC_AD_TEXTURES
 
 __all__ = ["CategorySubset", "ensure_category", "select_images"]

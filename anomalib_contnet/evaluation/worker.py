@@ -28,7 +28,7 @@ import torch
 from anomalib_contnet.atomic_files import write_text_atomically
 from anomalib_contnet.warning_filters import install_warning_filters
 
-__all__ = ["JobSpec", "auroc", "build_model", "fit", "main", "run_job", "score"]
+__all__ = ["JobSpec", "auroc", "fit", "main", "run_job", "score"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class JobSpec:
     keep_checkpoint: bool = False
 
 
-def build_model(spec: JobSpec) -> Any:  # an AnomalibModule; typed loosely to keep anomalib out of module import
+def _build_model(spec: JobSpec) -> Any:  # an AnomalibModule; typed loosely to keep anomalib out of module import
     """The model, without evaluator and visualizer (and without post-processor unless asked)."""
     from anomalib.models import MHPatchcore, Padim, Patchcore  # noqa: PLC0415  (after the environment is final)
 
@@ -81,7 +81,7 @@ def fit(spec: JobSpec) -> tuple[Any, Any, Any]:
     from lightning.pytorch import seed_everything  # noqa: PLC0415
 
     seed_everything(spec.seed, workers=True, verbose=False)  # random initialisation, channel subsets, coreset start
-    model = build_model(spec)
+    model = _build_model(spec)
     batch = {"train_batch_size": 8, "eval_batch_size": 8}
     datamodule = MVTecAD(root=spec.dataset_root, category=spec.category, num_workers=0, **batch)
     datamodule.setup()

@@ -14,6 +14,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
@@ -21,8 +22,6 @@ from anomalib_contnet.backbones.contnet_configs import SHORTCUT_NAMES, is_contne
 
 __all__ = ["FrozenFeatureExtractor", "build_feature_extractor"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 UNTRAINED_INIT_SEED = 0
 """Seed of the random initialisation of untrained backbones, so their features (and scores) are reproducible."""
@@ -61,7 +60,10 @@ class FrozenFeatureExtractor(nn.Module):
             self._create_pretrained(weights) if pre_trained or weights is not None else self._create_untrained()
         )
         config = self.backbone.pretrained_cfg
-        self.normalization = (tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD)))
+        self.normalization = (
+            tuple(config.get("mean", IMAGENET_DEFAULT_MEAN)),
+            tuple(config.get("std", IMAGENET_DEFAULT_STD)),
+        )
         self.eval()
 
     def _create_untrained(self, **architecture: Any) -> nn.Module:

@@ -18,14 +18,13 @@ basis (``K = D``) the residual outside the span is zero and one product suffices
 ``d² = Σ_k (u_kᵀr)² / (λ_k + ε)``. One training image gives ``K = 0``: ``Σ = εI``,
 a Euclidean distance to that image scaled by ``1/sqrt(ε)``.
 
-Fitting streams: every batch is reduced to its count, mean and centred samples, and
-groups are merged with Chan's update (the scatter of a union is the scatters plus
-``n₁n₂/n · δδᵀ`` for the difference ``δ`` of the means). While there are fewer
-centred rows than dimensions the rows themselves are kept (float64), afterwards their
-``D x D`` scatter matrix, so fit memory never exceeds either form and stays flat in
-``N`` beyond the switch. The same merge adds new images to a fitted model
-(``continue_from_fit``: its principal directions scaled by ``sqrt(λ(N - 1))`` are rows
-with exactly its scatter) and combines the statistics of distributed processes.
+Fitting streams. While there are at most ``D`` samples they are kept as they came
+(float32) in preallocated buffers, and centred on the final mean when fitting; beyond,
+their ``D x D`` float64 scatter matrix, updated in place with Chan's rule (the scatter
+of a union is the scatters plus ``n₁n₂/n · δδᵀ`` for the difference ``δ`` of the means).
+Fit memory thus never exceeds either form and stays flat in ``N`` beyond the switch. The
+same merge adds new images to a fitted model (``continue_from_fit``: exact pseudo-samples
+with its mean and scatter) and combines the statistics of distributed processes.
 """
 
 from __future__ import annotations
@@ -105,7 +104,7 @@ class _Moments:
         if self.matrix is None and self.count + size <= self.dims:
             mean = samples.mean(dim=1, dtype=torch.float64)
             self._keep(samples)
-        else:  # the batch's own scatter, from one float64 copy centred in place (``float32 - float64`` makes two)
+        else:  # the batch's scatter from one float64 copy centred in place (float32 - float64: a cast, then a result)
             centred = samples.to(torch.float64, copy=True)
             mean = centred.mean(dim=1)
             centred -= mean.unsqueeze(1)

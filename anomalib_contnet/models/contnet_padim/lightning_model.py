@@ -28,6 +28,7 @@ from anomalib.models.components import AnomalibModule, MemoryBankMixin
 from anomalib.visualization import Visualizer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -37,7 +38,6 @@ from anomalib_contnet.models.contnet_padim.checkpoint import (
     record_arguments,
     refuse_unreadable,
 )
-from anomalib_contnet.models.contnet_padim.feature_extractor import IMAGENET_MEAN, IMAGENET_STD
 from anomalib_contnet.models.contnet_padim.image_files import name_damaged_files, refuse_high_bit_depth
 from anomalib_contnet.models.contnet_padim.pre_processor import DEFAULT_IMAGE_SIZE, ConTNetPreProcessor
 from anomalib_contnet.models.contnet_padim.sampler_padding import real_samples
@@ -155,8 +155,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
     def configure_pre_processor(
         cls,
         image_size: tuple[int, int] | None = None,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> ConTNetPreProcessor:
         """Resize to ``image_size`` (224x224 by default, the paper's), antialiased on every path, and normalise.
 
