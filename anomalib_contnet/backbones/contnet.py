@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from anomalib_contnet.backbones.contnet_configs import STAGE_STRIDES, ConTNetConfig
-from anomalib_contnet.backbones.cpu_inference import linear, prepare_input
+from anomalib_contnet.backbones.cpu_inference import applies, linear, prepare_input
 
 __all__ = [
     "STAGE_NAMES",
@@ -201,7 +201,7 @@ class PatchwiseTransformerEncoder(nn.Module):
         tokens = self.norm1(tokens + self.drop(self.attn(tokens, key_mask)))
         tokens = self.norm2(tokens + self.mlp(tokens))
         grid = tokens.reshape(batch, rows, cols, size, size, channels)
-        if x.is_contiguous(memory_format=torch.channels_last):  # fold back in the layout of the input
+        if applies(tokens):  # channels-last where the CPU speed paths apply
             return grid.transpose(2, 3).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         return grid.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
 
