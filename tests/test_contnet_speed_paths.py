@@ -101,8 +101,8 @@ def test_every_excluded_case_takes_f_linear() -> None:
     assert "aten::gelu" in graph
 
 
-def test_only_the_stem_chooses_the_layout() -> None:
-    """``prepare_input`` makes the image channels-last where the paths apply; the encoders keep what they are given."""
+def test_maps_keep_the_plain_layout_where_the_paths_do_not_apply() -> None:
+    """``prepare_input`` makes the image channels-last where the paths apply; elsewhere every map stays contiguous."""
     image = torch.randn(1, 3, 64, 64)
     assert prepare_input(image).is_contiguous(memory_format=torch.channels_last) == applies(image)
     with torch.backends.mkldnn.flags(enabled=False):

@@ -15,8 +15,9 @@ Any input of at least 32x32 pixels runs (the encoders pad to whole patches and m
 padding out of attention); multiples of 224 compute exactly the published network.
 
 CPU kernel choices live in :mod:`~anomalib_contnet.backbones.cpu_inference`; this module
-calls its :func:`~anomalib_contnet.backbones.cpu_inference.linear` and
-:func:`~anomalib_contnet.backbones.cpu_inference.prepare_input` only.
+calls its :func:`~anomalib_contnet.backbones.cpu_inference.linear`,
+:func:`~anomalib_contnet.backbones.cpu_inference.prepare_input` (the stem) and
+:func:`~anomalib_contnet.backbones.cpu_inference.applies` (the encoders' fold-back layout) only.
 """
 
 from __future__ import annotations

@@ -33,10 +33,6 @@ def shortcut_name(avg_down: bool) -> str:
     return "avg_down" if avg_down else "strided"
 
 
-SHORTCUT_NAMES = {avg_down: shortcut_name(avg_down) for avg_down in (False, True)}
-"""Transitional: ``models/contnet_padim/feature_extractor.py`` still imports it; use :func:`shortcut_name`."""
-
-
 @dataclass(frozen=True)
 class ConTNetConfig:
     """Architecture hyper-parameters of one ConTNet variant, named as in the authors' constructor.

@@ -1,8 +1,8 @@
 """CPU kernel choices for ConTNet's float32 inference in eager mode, kept apart from the architecture.
 
-:mod:`~anomalib_contnet.backbones.contnet` calls two functions of this module and
-nothing else of it: :func:`linear` for every linear layer of the encoders, and
-:func:`prepare_input` on the image in the stem. When :func:`applies` is False they
+:mod:`~anomalib_contnet.backbones.contnet` calls :func:`linear` for every linear layer
+of the encoders, :func:`prepare_input` on the image in the stem, and :func:`applies` where
+an encoder folds its patches back (channels-last where it holds). When it is False they
 compute exactly what the architecture reads as (``layer(tokens)``, exact GELU, the
 image as given); when it is True they pick oneDNN's kernels and the channels-last
 layout, which give the same values faster (docs/performance.md, section 11).
@@ -46,7 +46,7 @@ def prepare_input(image: torch.Tensor) -> torch.Tensor:
     """The image in the layout the stem should read: channels-last where :func:`applies`, else unchanged.
 
     oneDNN's convolutions and pooling read channels-last maps without reordering; the
-    encoders fold patches back in the layout they were given, so every map after the stem keeps it.
+    encoders fold patches back channels-last under the same condition, so every map after the stem keeps it.
     """
     return image.contiguous(memory_format=torch.channels_last) if applies(image) else image
 

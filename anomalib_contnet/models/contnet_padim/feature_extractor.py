@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from anomalib_contnet.backbones import timm_contnet  # noqa: F401  (registers contnet_* with timm)
-from anomalib_contnet.backbones.contnet_configs import SHORTCUT_NAMES, is_contnet, shortcut_of_state_dict
+from anomalib_contnet.backbones.contnet_configs import is_contnet, shortcut_name, shortcut_of_state_dict
 
 __all__ = ["FrozenFeatureExtractor", "build_feature_extractor"]
 
@@ -120,7 +120,7 @@ class FrozenFeatureExtractor(nn.Module):
         if not is_contnet(self.name):
             return None
         avg_down = shortcut_of_state_dict(name for name, _ in self.backbone.named_parameters())
-        return None if avg_down is None else SHORTCUT_NAMES[avg_down]
+        return None if avg_down is None else shortcut_name(avg_down)
 
     def train(self, mode: bool = True) -> FrozenFeatureExtractor:  # noqa: ARG002 (frozen by design)
         """Stay in eval mode whatever Lightning asks: the backbone is a fixed, pretrained feature map."""
@@ -147,7 +147,7 @@ class FrozenFeatureExtractor(nn.Module):
         if not is_contnet(self.name):
             return
         avg_down = shortcut_of_state_dict(state_dict)
-        if avg_down is not None and SHORTCUT_NAMES[avg_down] != self.shortcut:
+        if avg_down is not None and shortcut_name(avg_down) != self.shortcut:
             self._replace_backbone(self._create_untrained(avg_down=avg_down))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

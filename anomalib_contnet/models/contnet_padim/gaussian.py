@@ -357,7 +357,7 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
             scaled = projected * shrink.unsqueeze(1)
             if torch.compiler.is_compiling():  # export: transposing activations keeps one copy of the basis
                 back = torch.bmm(self.basis, scaled.mT).mT
-            else:  # eager: torch's CPU bmm runs 3.5x faster (batch 1) with the basis as the right operand
+            else:  # eager: the CPU bmm is faster with the basis as the right operand (docs/performance.md, section 11)
                 back = torch.bmm(scaled, self.basis.mT)
             whitened = residual - back
             squared = whitened.square().sum(dim=-1) / self.epsilon
