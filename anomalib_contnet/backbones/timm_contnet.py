@@ -124,15 +124,22 @@ def _create_contnet(variant: str, pretrained: bool = False, **kwargs: Any) -> Co
         kwargs["pretrained_cfg_overlay"] = {**overlay, "file": str(path)}
         shortcut = shortcut_name(CONTNET_CFGS[variant].avg_down if kwargs["avg_down"] is None else kwargs["avg_down"])
         logger.info("building %s with the %s shortcut of %s", variant, shortcut, path)
-    return build_model_with_cfg(
-        contnet_from_config,
-        variant,
-        pretrained,
-        model_cfg=CONTNET_CFGS[variant],
-        pretrained_filter_fn=_load_strictly,
-        feature_cfg={"flatten_sequential": False},  # keep the stages whole: feature_info names layer0..layer4
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            contnet_from_config,
+            variant,
+            pretrained,
+            model_cfg=CONTNET_CFGS[variant],
+            pretrained_filter_fn=_load_strictly,
+            feature_cfg={"flatten_sequential": False},  # keep the stages whole: feature_info names layer0..layer4
+            **kwargs,
+        )
+    except Exception as error:  # timm or torch reading a damaged file whose keys read fine: any error type
+        if not pretrained or isinstance(error, WeightsError):
+            raise
+        path = kwargs["pretrained_cfg_overlay"]["file"]
+        msg = f"{path} is damaged ({type(error).__name__}: {error}): delete it and fetch it again"
+        raise WeightsError(msg) from error
 
 
 @register_model
