@@ -248,7 +248,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         logger.info("Fitting per-position Gaussians on %d training images.", gaussian.samples_seen)
         gaussian.fit()
         count, dims = int(gaussian.count), gaussian.mean.shape[-1]
-        if count <= dims and self.trainer.is_global_zero:
+        if count <= dims and (self._trainer is None or self.trainer.is_global_zero):
             # Every fit says it, not only the first in a process (Python's default filter would stop a second
             # fit's warning at the same line), while the user's filters still apply: no registry.
             line = inspect.currentframe().f_lineno
