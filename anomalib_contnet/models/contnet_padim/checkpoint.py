@@ -17,7 +17,7 @@ import torch
 from anomalib_contnet.checkpoints import non_finite_counts
 from anomalib_contnet.models.contnet_padim.pre_processor import DEFAULT_IMAGE_SIZE
 
-__all__ = ["FORMAT_KEY", "FORMAT_VERSION", "arguments_to_adopt", "record_arguments", "refuse_unreadable"]
+__all__ = ["arguments_to_adopt", "record_arguments", "refuse_unreadable"]
 
 FORMAT_KEY = "anomalib_contnet_format_version"
 """Top-level checkpoint entry that only ConTNetPaDiM checkpoints have: another model's checkpoint is refused by name."""

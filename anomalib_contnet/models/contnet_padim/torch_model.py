@@ -91,9 +91,9 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
     def refuse_inconsistent_state(self, state: Mapping[str, torch.Tensor], prefix: str = "") -> None:
         """Raise ValueError naming the saved channel subset or Gaussian tensors that this model cannot hold."""
         index = state.get(f"{prefix}feature_index")
-        total = sum(self.feature_extractor.out_channels.values())
         if index is None:
             return  # strict loading names the missing key
+        total = sum(self.feature_extractor.out_channels.values())
         if index.ndim != 1 or index.is_floating_point() or not bool(((index >= 0) & (index < total)).all()):
             msg = (
                 f"the checkpoint's {prefix}feature_index must list channel numbers of the {total}-channel embedding, "
