@@ -81,7 +81,14 @@ def test_stock_cli_trains_and_tests_with_the_anomalib_1x_data_name(tiny_mvtec, t
 
 
 @pytest.mark.slow
-def test_ddp_on_two_processes_gives_the_same_gaussian_as_one(tiny_mvtec, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("head", "patches_per_image"),
+    [((), 1), (("--model.neighbourhood", "1", "--model.shift_tolerance", "1"), 9)],
+    ids=["paper head", "neighbourhood and shift tolerance"],
+)
+def test_ddp_on_two_processes_gives_the_same_gaussian_as_one(
+    tiny_mvtec, tmp_path, head: tuple[str, ...], patches_per_image: int
+) -> None:
     """An odd number of training images also checks that DistributedSampler's padding is not counted twice."""
     source_root, category = tiny_mvtec
     root = tmp_path / "data"
@@ -90,12 +97,13 @@ def test_ddp_on_two_processes_gives_the_same_gaussian_as_one(tiny_mvtec, tmp_pat
     if len(train_images) % 2 == 0:
         train_images[-1].unlink()
 
-    run_anomalib(*train_arguments(root, category, tmp_path / "one"), cwd=tmp_path)
+    run_anomalib(*train_arguments(root, category, tmp_path / "one", *head), cwd=tmp_path)
     run_anomalib(
         *train_arguments(
             root,
             category,
             tmp_path / "two",
+            *head,
             "--trainer.devices",
             "2",
             "--trainer.strategy",
@@ -107,7 +115,7 @@ def test_ddp_on_two_processes_gives_the_same_gaussian_as_one(tiny_mvtec, tmp_pat
     )
     single, distributed = saved_gaussian(tmp_path / "one"), saved_gaussian(tmp_path / "two")
     training_images = len(list((root / category / "train" / "good").iterdir()))
-    assert int(distributed["count"]) == int(single["count"]) == training_images
+    assert int(distributed["count"]) == int(single["count"]) == training_images * patches_per_image
     for key, value in single.items():
         torch.testing.assert_close(distributed[key], value, rtol=1e-4, atol=1e-5)
 

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from stock_cli import reported_metric, run_anomalib
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 MODEL_CONFIG = CONFIGS / "model" / "contnet_padim.yaml"
+BEST_CONFIG = CONFIGS / "model" / "contnet_padim_best.yaml"
 DATASET_NAME = "my_parts"
 """The ``name`` in configs/data/folder.yaml: anomalib writes results under results/ConTNetPaDiM/<name>/."""
 SMALL_MODEL = ("--model.backbone", "contnet_ti", "--model.pre_trained", "false")
@@ -113,3 +115,42 @@ def test_predict_on_a_folder_writes_one_result_image_per_input(
     for path, source in zip(written, inputs, strict=True):
         with Image.open(path) as result, Image.open(source) as image:
             assert result.width > image.width, "expected the image beside its anomaly map, not a copy of the input"
+
+
+def _init_args(path: Path) -> dict:
+    import yaml  # noqa: PLC0415  (jsonargparse's dependency)
+
+    return yaml.safe_load(path.read_text(encoding="utf-8"))["init_args"]
+
+
+def test_the_best_preset_is_the_benchmarked_head() -> None:
+    """configs/model/contnet_padim_best.yaml and the benchmark's contnet_padim_best_* name the same head."""
+    from anomalib_contnet.evaluation.configs import BEST_HEAD, MODEL_CONFIGS  # noqa: PLC0415
+
+    preset, paper = _init_args(BEST_CONFIG), _init_args(MODEL_CONFIG)
+    benchmarked = MODEL_CONFIGS["contnet_padim_best_contnet_b"]
+    assert {name: preset[name] for name in BEST_HEAD} == BEST_HEAD == benchmarked.options
+    assert (preset["backbone"], tuple(preset["layers"])) == (benchmarked.backbone, benchmarked.layers)
+    assert {name: value for name, value in preset.items() if name not in {*BEST_HEAD, "layers"}} == {
+        name: value for name, value in paper.items() if name != "layers"
+    }
+
+
+@pytest.mark.slow
+def test_the_best_preset_trains_and_tests_on_the_stock_cli(tiny_mvtec: tuple[Path, str], tmp_path: Path) -> None:
+    """The preset's levers through ``anomalib train`` (the small ConTNet: the preset's own needs ImageNet weights)."""
+    from anomalib_contnet.evaluation.configs import BEST_HEAD  # noqa: PLC0415
+
+    root, category = tiny_mvtec
+    output = run_anomalib(
+        "train", "--model", str(BEST_CONFIG), *SMALL_MODEL,
+        "--data", "MVTecAD", "--data.root", str(root), "--data.category", category, *SMALL_LOADERS,
+        "--default_root_dir", str(tmp_path / "results"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert reported_metric(output, "image_AUROC") > 0.9
+    checkpoint = torch.load(next((tmp_path / "results").rglob("model.ckpt")), weights_only=False)
+    saved, preset = checkpoint["anomalib_contnet_model_arguments"], _init_args(BEST_CONFIG)
+    assert {name: saved[name] for name in (*BEST_HEAD, "layers")} == {
+        name: preset[name] for name in (*BEST_HEAD, "layers")
+    }

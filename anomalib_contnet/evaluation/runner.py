@@ -211,7 +211,7 @@ def _row(spec: JobSpec, config: ModelConfig, weights_label: str, subset: Categor
         "category": subset.category,
         "n_train": subset.n_train,
         "n_test": subset.n_test_normal + subset.n_test_anomalous,
-        "model": MODEL_NAMES[config.family],
+        "model": MODEL_NAMES[config.family] + (f" ({config.preset})" if config.preset else ""),
         "backbone": config.backbone,
         "weights": weights_label,
         "settings": " ".join(f"{key}={'+'.join(v) if isinstance(v, list) else v}" for key, v in settings.items()),
@@ -259,9 +259,10 @@ def _write_few_shot(table: pd.DataFrame, out: Path, header: list[str]) -> None:
     """
     table = table.assign(model=table.model + " " + table.backbone)
     groups = table.groupby(["category", "model", "n_train"], sort=True)
-    points = groups[["image_auroc", "pixel_auroc"]].agg(["mean", "sem"])
+    metrics = ["image_auroc", "pixel_auroc", "aupro"]
+    points = groups[metrics].agg(["mean", "sem"])
     summary = points.index.to_frame(index=False)
-    for metric in ("image_auroc", "pixel_auroc"):
+    for metric in metrics:
         mean, error = points[(metric, "mean")], points[(metric, "sem")].fillna(0.0)  # one value: no spread
         cells = [f"{m:.3f} ± {e:.3f}" if pd.notna(m) else None for m, e in zip(mean, error, strict=True)]
         summary[metric] = cells

@@ -31,7 +31,17 @@ Lightning's ``load_from_checkpoint(path, **overrides)`` writes the overrides int
 checkpoint's ``hyper_parameters`` before the model sees it, so only an entry of the
 plugin's own says what was fitted (``hyper_parameters`` serve older checkpoints).
 """
-MODEL_ARGUMENTS = ("backbone", "layers", "n_features", "feature_seed", "epsilon", "sigma", "image_size")
+MODEL_ARGUMENTS = (
+    "backbone",
+    "layers",
+    "n_features",
+    "feature_seed",
+    "epsilon",
+    "sigma",
+    "image_size",
+    "neighbourhood",
+    "shift_tolerance",
+)
 """Constructor arguments that change the scores of a fitted model (the others, ``pre_trained``, ``weights`` and
 ``incremental``, only matter while fitting: a checkpoint holds every backbone weight)."""
 

@@ -37,6 +37,8 @@ import torch
 from anomalib.models.components import DynamicBufferMixin
 from torch import distributed, nn
 
+from anomalib_contnet.models.contnet_padim.neighbourhood import inside, offsets, shifted
+
 __all__ = ["StreamingGaussian"]
 
 
@@ -201,18 +203,32 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
     Saved state: ``mean`` (P, D), ``basis`` (P, D, K) and ``variances`` (P, K) with
     ``K = min(N - 1, D)``, and ``count`` (N, needed to continue a fit exactly).
 
+    The defaults are the paper's head. Two levers go beyond it (docs/benchmarks.md, "Gaussian head",
+    measures each); with both at 0 every number is the paper head's, bit for bit.
+
     Args:
         epsilon: regulariser added to the covariance diagonal. With more feature
             dimensions than training images the covariance is singular and this
             value decides much of the result; 0.01 is PaDiM's choice.
+        neighbourhood: ``r``; each position's Gaussian is fitted on the training patches of the
+            ``(2r + 1)²`` positions within ``r`` cells (repeating border cells), so it models small
+            misalignments and has ``(2r + 1)²`` samples per image. ``count`` counts those samples.
+        shift_tolerance: ``s``; a test patch's distance is the smallest under the Gaussians of the
+            positions within ``s`` cells (``(2s + 1)²`` distance evaluations).
     """
 
-    def __init__(self, epsilon: float = 0.01) -> None:
+    def __init__(self, epsilon: float = 0.01, neighbourhood: int = 0, shift_tolerance: int = 0) -> None:
         super().__init__()
         if not 0 < epsilon < math.inf:
             msg = f"epsilon must be positive and finite (it makes the covariance invertible), got {epsilon}"
             raise ValueError(msg)
+        for name, cells in (("neighbourhood", neighbourhood), ("shift_tolerance", shift_tolerance)):
+            if isinstance(cells, bool) or not isinstance(cells, int) or cells < 0:
+                msg = f"{name} must be a whole number of patch cells >= 0 (0: the paper's head), got {cells!r}"
+                raise ValueError(msg)
         self.epsilon = float(epsilon)
+        self.neighbourhood = neighbourhood
+        self.shift_tolerance = shift_tolerance
         self.register_buffer("mean", torch.empty(0))
         self.register_buffer("basis", torch.empty(0))
         self.register_buffer("variances", torch.empty(0))
@@ -247,6 +263,8 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         """Add a batch of embeddings (B, D, H, W) to the running statistics."""
         if embedding.shape[0] == 0:
             return
+        if self.neighbourhood:
+            embedding = torch.cat([shifted(embedding, *move) for move in offsets(self.neighbourhood)])
         samples = _positions_first(embedding)
         shape = (samples.shape[0], samples.shape[2])
         if self._moments is None:
@@ -345,8 +363,28 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         """Whether fitted parameters are present (decided by shapes only, so it is export-safe)."""
         return self.mean.numel() > 0
 
+    @property
+    def samples_per_image(self) -> int:
+        """Samples one training image gives each position: ``(2r + 1)²`` with ``neighbourhood`` r."""
+        return (2 * self.neighbourhood + 1) ** 2
+
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Mahalanobis distance (Eq. 3) of every patch of ``embedding`` (B, D, H, W) -> (B, 1, H, W)."""
+        """Mahalanobis distance (Eq. 3) of every patch of ``embedding`` (B, D, H, W) -> (B, 1, H, W).
+
+        With ``shift_tolerance`` s, the smallest distance under the Gaussians within s cells: the
+        embedding is moved by ``-o`` so that each Gaussian sees the patch ``o`` away, and the
+        distances are moved back; moves whose Gaussian lies outside the grid are left out.
+        """
+        distances = self._distances(embedding)
+        height, width = embedding.shape[-2:]
+        for rows, columns in offsets(self.shift_tolerance)[1:]:
+            moved = shifted(self._distances(shifted(embedding, -rows, -columns)), rows, columns)
+            usable = inside(height, width, rows, columns, embedding.device)
+            distances = torch.minimum(distances, torch.where(usable, moved, distances))
+        return distances
+
+    def _distances(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Distance of every patch under its own position's Gaussian, (B, D, H, W) -> (B, 1, H, W)."""
         batch, dims, height, width = embedding.shape
         residual = _positions_first(embedding) - self.mean.unsqueeze(1)  # (P, B, D)
         projected = torch.bmm(residual, self.basis)  # (P, B, K)

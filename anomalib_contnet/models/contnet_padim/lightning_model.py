@@ -58,16 +58,19 @@ def _checked_image_size(image_size: Sequence[int] | None) -> tuple[int, int]:
     return size
 
 
-def _few_images_message(count: int, dims: int, epsilon: float) -> str:
-    """What the scores mean when there are no more training images than feature dimensions."""
+def _few_images_message(count: int, dims: int, epsilon: float, per_image: int) -> str:
+    """What the scores mean when there are no more training samples per position than feature dimensions."""
     if count == 1:
         return (
             f"1 training image: the covariance is epsilon*I (epsilon={epsilon}), so the scores are Euclidean "
             "distances to that image's features divided by sqrt(epsilon); they rank images, but normal variation "
             "is not modelled. Add normal images for a Gaussian model."
         )
+    images = f"{count} training images"
+    if per_image > 1:
+        images = f"{count // per_image} training images ({count} patches per position with the neighbourhood)"
     return (
-        f"{count} training images for {dims} feature dimensions: the Gaussians span only {count - 1} directions, "
+        f"{images} for {dims} feature dimensions: the Gaussians span only {count - 1} directions, "
         f"and distances in the other {dims - count + 1} are Euclidean divided by sqrt(epsilon={epsilon}), "
         "so epsilon strongly influences the scores. More training images, or n_features below the number of "
         "images, reduce this."
@@ -90,6 +93,9 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         feature_seed: seed of that subset.
         epsilon: covariance regulariser ``εI``.
         sigma: anomaly-map smoothing in pixels.
+        neighbourhood, shift_tolerance: the Gaussian head's levers beyond the paper
+            (:class:`~anomalib_contnet.models.contnet_padim.gaussian.StreamingGaussian`); 0, the
+            paper's head, by default. ``configs/model/contnet_padim_best.yaml`` is the best head measured.
         incremental: a fit adds its images to the fitted Gaussians instead of starting
             afresh: ``load_from_checkpoint(path, incremental=True)`` then ``Engine().fit``
             gives the Gaussians of one fit on the earlier and the new images together. Saved
@@ -118,6 +124,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         feature_seed: int = 0,
         epsilon: float = 0.01,
         sigma: float = 4.0,
+        neighbourhood: int = 0,
+        shift_tolerance: int = 0,
         incremental: bool = False,
         image_size: tuple[int, int] | None = None,
         pre_processor: nn.Module | bool = True,
@@ -135,6 +143,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             feature_seed=feature_seed,
             epsilon=epsilon,
             sigma=sigma,
+            neighbourhood=neighbourhood,
+            shift_tolerance=shift_tolerance,
         )
         model.feature_extractor.refuse_input_size(size)
         if pre_processor is True:
@@ -245,14 +255,15 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             if gaussian.is_fitted:
                 return
             raise NotFittedError(NOT_FITTED_MESSAGE)
-        logger.info("Fitting per-position Gaussians on %d training images.", gaussian.samples_seen)
+        images = gaussian.samples_seen // gaussian.samples_per_image
+        logger.info("Fitting per-position Gaussians on %d training images.", images)
         gaussian.fit()
         count, dims = int(gaussian.count), gaussian.mean.shape[-1]
         if count <= dims and (self._trainer is None or self.trainer.is_global_zero):
             # Every fit says it, not only the first in a process (Python's default filter would stop a second
             # fit's warning at the same line), while the user's filters still apply: no registry.
-            line = inspect.currentframe().f_lineno
-            warnings.warn_explicit(_few_images_message(count, dims, gaussian.epsilon), UserWarning, __file__, line)
+            message = _few_images_message(count, dims, gaussian.epsilon, gaussian.samples_per_image)
+            warnings.warn_explicit(message, UserWarning, __file__, inspect.currentframe().f_lineno)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ARG002
         """Predict a batch: validation (the post-processor learns thresholds there), test and prediction alike.

@@ -67,6 +67,8 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         feature_seed: int = 0,
         epsilon: float = 0.01,
         sigma: float = 4.0,
+        neighbourhood: int = 0,
+        shift_tolerance: int = 0,
     ) -> None:
         super().__init__()
         self._tiler: Tiler | None = None
@@ -74,7 +76,7 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         total_features = sum(self.feature_extractor.out_channels.values())
         self.register_buffer("feature_index", self._choose_features(total_features, n_features, feature_seed))
         self.feature_index: torch.Tensor
-        self.gaussian = StreamingGaussian(epsilon)
+        self.gaussian = StreamingGaussian(epsilon, neighbourhood, shift_tolerance)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma)
 
     @staticmethod

@@ -1,0 +1,46 @@
+"""Patch grids moved by whole cells: the shared step of the two misalignment levers of the Gaussian head.
+
+``neighbourhood`` (fitting) gives every position the training patches of the positions within
+``r`` cells, so each Gaussian also learns the small shifts of its surroundings;
+``shift_tolerance`` (scoring) lets a test patch be explained by the Gaussian of any position
+within ``s`` cells. Both move a (..., H, W) grid by whole cells, repeating the border row or
+column where the move leaves the grid, with padding and slicing only (exportable).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+__all__ = ["inside", "offsets", "shifted"]
+
+
+def offsets(radius: int) -> list[tuple[int, int]]:
+    """Every (rows, columns) move of at most ``radius`` cells along each axis, (0, 0) first."""
+    moves = [(rows, columns) for rows in range(-radius, radius + 1) for columns in range(-radius, radius + 1)]
+    return sorted(moves, key=lambda move: move != (0, 0))
+
+
+def shifted(grid: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """``grid`` (B, C, H, W) read ``rows`` cells down and ``columns`` right: out[i, j] = grid[i + rows, j + columns].
+
+    Positions whose source lies outside the grid take the nearest border cell.
+    """
+    if rows == 0 and columns == 0:
+        return grid
+    height, width = grid.shape[-2:]
+    pad = (max(-columns, 0), max(columns, 0), max(-rows, 0), max(rows, 0))
+    padded = F.pad(grid, pad, mode="replicate")
+    top, left = max(rows, 0), max(columns, 0)
+    return padded[..., top : top + height, left : left + width]
+
+
+def inside(height: int, width: int, rows: int, columns: int, device: torch.device) -> torch.Tensor:
+    """(H, W) mask of the positions whose source ``(i + rows, j + columns)`` lies inside the grid."""
+    row_ok = ((torch.arange(height, device=device) + rows) >= 0) & (
+        (torch.arange(height, device=device) + rows) < height
+    )
+    column_ok = ((torch.arange(width, device=device) + columns) >= 0) & (
+        (torch.arange(width, device=device) + columns) < width
+    )
+    return row_ok.unsqueeze(1) & column_ok.unsqueeze(0)
