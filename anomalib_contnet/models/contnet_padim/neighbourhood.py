@@ -37,10 +37,9 @@ def shifted(grid: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
 
 def inside(height: int, width: int, rows: int, columns: int, device: torch.device) -> torch.Tensor:
     """(H, W) mask of the positions whose source ``(i + rows, j + columns)`` lies inside the grid."""
-    row_ok = ((torch.arange(height, device=device) + rows) >= 0) & (
-        (torch.arange(height, device=device) + rows) < height
-    )
-    column_ok = ((torch.arange(width, device=device) + columns) >= 0) & (
-        (torch.arange(width, device=device) + columns) < width
-    )
-    return row_ok.unsqueeze(1) & column_ok.unsqueeze(0)
+
+    def within(size: int, move: int) -> torch.Tensor:
+        source = torch.arange(size, device=device) + move
+        return (source >= 0) & (source < size)
+
+    return within(height, rows).unsqueeze(1) & within(width, columns).unsqueeze(0)
