@@ -1,7 +1,9 @@
-"""The best preset's head (finer grid + shift tolerance) end to end: Engine fit, incremental fit, OpenVINO export.
+"""The best preset's head (stages 2-3, patch context, shared covariance) end to end, and the patch context.
+
+Engine fit, incremental fit, OpenVINO export against Engine.predict, the patch context's definition.
 
 contnet_ti with random weights stands in for ConTNet-B (whose ImageNet file is not on this machine);
-the levers and the layer rule are the preset's (``BEST_HEAD``, stages 2-4).
+the levers and the layer rule are the preset's (``BEST_HEAD``, stages 2 and 3).
 """
 
 from __future__ import annotations
@@ -50,7 +52,38 @@ def test_the_preset_head_separates_the_tiny_defects(fitted) -> None:
     results = engine.test(model=model, datamodule=engine.trainer.datamodule)[0]
     assert results["image_AUROC"] > 0.9
     assert results["pixel_AUROC"] > 0.85
-    assert model.model.gaussian.shift_tolerance == BEST_HEAD["shift_tolerance"]
+    assert model.model.gaussian.shared_covariance is BEST_HEAD["shared_covariance"] is True
+    assert model.model.gaussian.whitening.shape == (model.model.gaussian.mean.shape[-1],) * 2
+
+
+def test_patch_context_concatenates_the_neighbouring_patches() -> None:
+    """Each channel block is the plain embedding read one move away; the nine blocks are the nine moves.
+
+    Border cells repeat. Neighbours are gathered by index here, not by the package's shifting code.
+    """
+    images = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    plain = ConTNetPaDiM(backbone="contnet_ti", pre_trained=False, layers=PRESET["layers"]).model
+    context = ConTNetPaDiM(backbone="contnet_ti", pre_trained=False, layers=PRESET["layers"], patch_context=1).model
+    context.load_state_dict(plain.state_dict())
+    base, expanded = plain.extract_embedding(images), context.extract_embedding(images)
+    channels, height, width = base.shape[1:]
+    rows, columns = torch.arange(height), torch.arange(width)
+
+    def moved(di: int, dj: int) -> torch.Tensor:
+        return base[:, :, (rows + di).clamp(0, height - 1)][..., (columns + dj).clamp(0, width - 1)]
+
+    moves = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]
+    found = [
+        [move for move in moves if torch.equal(block, moved(*move))]
+        for block in expanded.reshape(2, 9, channels, height, width).unbind(1)
+    ]
+    assert sorted(move for matches in found for move in matches) == moves
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5])
+def test_bad_patch_context_is_refused(value) -> None:
+    with pytest.raises(ValueError, match="patch_context must be a whole number"):
+        ConTNetPaDiM(backbone="contnet_ti", pre_trained=False, patch_context=value)
 
 
 def test_an_incremental_fit_of_the_preset_equals_one_fit(tiny_mvtec: tuple[Path, str], tmp_path: Path) -> None:

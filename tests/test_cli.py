@@ -20,6 +20,7 @@ import pytest
 import torch
 from stock_cli import reported_metric, run_anomalib
 
+from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
 from anomalib_contnet.warning_filters import KNOWN_WARNINGS, LIGHTNING_TIPS, RANK_ZERO_LOGGERS, install_warning_filters
 
 ANOMALIB_CONTNET = str(Path(sys.executable).with_name("anomalib-contnet"))
@@ -63,7 +64,7 @@ def gaussian_summary(state: dict[str, torch.Tensor], prefix: str = "") -> dict[s
         "count": state[f"{prefix}count"],
         "mean": state[f"{prefix}mean"],
         "covariance": basis @ (variances.unsqueeze(-1) * basis.mT),
-    }
+    } | {name: state[prefix + name] for name in StreamingGaussian.SHARED_BUFFERS if prefix + name in state}
 
 
 def saved_gaussian(results: Path) -> dict[str, torch.Tensor]:
@@ -83,8 +84,12 @@ def test_stock_cli_trains_and_tests_with_the_anomalib_1x_data_name(tiny_mvtec, t
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("head", "patches_per_image"),
-    [((), 1), (("--model.neighbourhood", "1", "--model.shift_tolerance", "1"), 9)],
-    ids=["paper head", "neighbourhood and shift tolerance"],
+    [
+        ((), 1),
+        (("--model.neighbourhood", "1", "--model.shift_tolerance", "1"), 9),
+        (("--model.shared_covariance", "true", "--model.patch_context", "1"), 1),
+    ],
+    ids=["paper head", "neighbourhood and shift tolerance", "shared covariance and patch context"],
 )
 def test_ddp_on_two_processes_gives_the_same_gaussian_as_one(
     tiny_mvtec, tmp_path, head: tuple[str, ...], patches_per_image: int

@@ -1,4 +1,4 @@
-"""The Gaussian head's levers (neighbourhood, shift tolerance) against float64 references built by loops.
+"""The Gaussian head's levers (neighbourhood, shift tolerance, shared covariance) against float64 loop references.
 
 The references never call the package's shifting code: neighbours are gathered by index,
 covariances inverted densely, minima taken position by position.
@@ -33,8 +33,19 @@ def clamped(index: int, size: int) -> int:
     return min(max(index, 0), size - 1)
 
 
-def reference_gaussians(train: torch.Tensor, epsilon: float, radius: int) -> dict:
-    """Per position (i, j): mean and dense precision of the patches of every position within ``radius`` cells."""
+def shrunk_covariance_of_all_patches(train: torch.Tensor) -> torch.Tensor:
+    """The unbiased covariance of every patch of every position, 7 % of it moved to its mean variance (float64)."""
+    patches = train.double().permute(0, 2, 3, 1).reshape(-1, DIMS)
+    covariance = torch.cov(patches.T)
+    return 0.93 * covariance + 0.07 * covariance.diagonal().mean() * torch.eye(DIMS).double()
+
+
+def reference_gaussians(train: torch.Tensor, epsilon: float, radius: int, shared: bool = False) -> dict:
+    """Per position (i, j): mean and dense precision of the patches of every position within ``radius`` cells.
+
+    The regulariser is ``epsilon`` times the identity, or with ``shared`` the covariance of all patches.
+    """
+    regulariser = shrunk_covariance_of_all_patches(train) if shared else torch.eye(DIMS).double()
     train = train.double()
     gaussians = {}
     for i, j in itertools.product(range(HEIGHT), range(WIDTH)):
@@ -45,7 +56,7 @@ def reference_gaussians(train: torch.Tensor, epsilon: float, radius: int) -> dic
         samples = torch.cat(rows)
         mean = samples.mean(0)
         centred = samples - mean
-        covariance = centred.T @ centred / max(len(samples) - 1, 1) + epsilon * torch.eye(DIMS).double()
+        covariance = centred.T @ centred / max(len(samples) - 1, 1) + epsilon * regulariser
         gaussians[i, j] = (mean, torch.linalg.inv(covariance))
     return gaussians
 
@@ -81,21 +92,26 @@ def fitted(train: torch.Tensor, batches: list[int], **levers) -> StreamingGaussi
         {"shift_tolerance": 1},
         {"neighbourhood": 2, "shift_tolerance": 2},  # radius 2 > the grid's 3 rows / 2: border cells repeat
         {"neighbourhood": 1, "shift_tolerance": 1},
+        {"shared_covariance": True},
+        {"shared_covariance": True, "neighbourhood": 1, "shift_tolerance": 1},
     ],
     ids=str,
 )
 def test_each_lever_computes_its_definition(count: int, levers: dict) -> None:
     train, test = features(count, seed=count), features(5, seed=100 + count) * 1.3
     gaussian = fitted(train, [2] * (count // 2) + [count % 2], **levers)
-    reference = reference_gaussians(train, 0.01, levers.get("neighbourhood", 0))
+    reference = reference_gaussians(train, 0.01, levers.get("neighbourhood", 0), levers.get("shared_covariance", False))
     expected = reference_distances(reference, test, levers.get("shift_tolerance", 0))
     np.testing.assert_allclose(gaussian(test).squeeze(1).double().numpy(), expected, rtol=1e-4)
     assert int(gaussian.count) == count * (2 * levers.get("neighbourhood", 0) + 1) ** 2
 
 
-def test_a_continued_fit_with_neighbourhood_is_one_fit_on_all_images() -> None:
+@pytest.mark.parametrize(
+    "levers", [{"neighbourhood": 1, "shift_tolerance": 1}, {"shared_covariance": True, "neighbourhood": 1}], ids=str
+)
+def test_a_continued_fit_is_one_fit_on_all_images(levers: dict) -> None:
+    """The shared covariance too: the continued fit restores its moments and those of the unwhitened Gaussians."""
     train, test = features(9, seed=1), features(4, seed=2)
-    levers = {"neighbourhood": 1, "shift_tolerance": 1}
     continued = fitted(train[:2], [2], **levers)
     continued.reset_statistics(continue_from_fit=True)
     continued.update(train[2:])
@@ -111,6 +127,7 @@ def test_a_continued_fit_with_neighbourhood_is_one_fit_on_all_images() -> None:
         ({"neighbourhood": -1}, "neighbourhood must be a whole number"),
         ({"neighbourhood": 1.5}, "neighbourhood must be a whole number"),
         ({"shift_tolerance": True}, "shift_tolerance must be a whole number"),
+        ({"shared_covariance": 1}, "shared_covariance must be True or False"),
     ],
 )
 def test_bad_lever_values_are_refused(arguments: dict, message: str) -> None:

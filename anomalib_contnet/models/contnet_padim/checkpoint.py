@@ -41,6 +41,8 @@ MODEL_ARGUMENTS = (
     "image_size",
     "neighbourhood",
     "shift_tolerance",
+    "shared_covariance",
+    "patch_context",
 )
 """Constructor arguments that change the scores of a fitted model (the others, ``pre_trained``, ``weights`` and
 ``incremental``, only matter while fitting: a checkpoint holds every backbone weight)."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from anomalib.models.components import DynamicBufferMixin
 from torch import distributed, nn
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_contnet.models.contnet_padim.neighbourhood import inside, offsets, shifted
 
@@ -167,6 +168,19 @@ class _Moments:
             matrix.baddbmm_(centred.mT, centred)
         return matrix
 
+    def transform_(self, matrix: torch.Tensor) -> None:
+        """Replace every sample ``x`` by ``matrix @ x`` in place: the moments of the transformed samples.
+
+        One position at a time, so that only one position's temporaries are added.
+        """
+        self.mean = self.mean @ matrix.mT
+        for block in self.blocks():
+            for position in range(block.shape[0]):
+                block[position] = block[position] @ matrix.mT.to(block.dtype)
+        if self.matrix is not None:
+            for position in range(self.matrix.shape[0]):
+                self.matrix[position] = matrix @ self.matrix[position] @ matrix.mT
+
     def principal_directions(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``rank`` leading eigenvectors (P, D, rank, float32) and eigenvalues (P, rank) of the scatter.
 
@@ -215,9 +229,22 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
             misalignments and has ``(2r + 1)²`` samples per image. ``count`` counts those samples.
         shift_tolerance: ``s``; a test patch's distance is the smallest under the Gaussians of the
             positions within ``s`` cells (``(2s + 1)²`` distance evaluations).
+        shared_covariance: regularise toward the covariance ``C`` of all training patches of all positions
+            (shrunk by ``SHARED_SHRINKAGE`` toward its mean variance) instead of the identity: each position's
+            covariance is ``Σ + εC``. With few images per position, ``Σ`` has rank ``N - 1`` and the regulariser
+            measures every other direction, so ``C`` (estimated from ``N·P`` patches) makes those distances
+            Mahalanobis instead of Euclidean. Computed as the paper's head on features whitened by ``C^-½``
+            (one ``D x D`` product per patch); saved as ``whitening``, with ``shared_mean`` and
+            ``shared_covariance`` to continue a fit exactly.
     """
 
-    def __init__(self, epsilon: float = 0.01, neighbourhood: int = 0, shift_tolerance: int = 0) -> None:
+    SHARED_BUFFERS = ("whitening", "shared_mean", "shared_covariance_matrix")
+    SHARED_SHRINKAGE = 0.07
+    """MHPatchcore's covariance shrinkage: keeps ``C`` invertible when there are fewer patches than dimensions."""
+
+    def __init__(
+        self, epsilon: float = 0.01, neighbourhood: int = 0, shift_tolerance: int = 0, shared_covariance: bool = False
+    ) -> None:
         super().__init__()
         if not 0 < epsilon < math.inf:
             msg = f"epsilon must be positive and finite (it makes the covariance invertible), got {epsilon}"
@@ -226,18 +253,29 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
             if isinstance(cells, bool) or not isinstance(cells, int) or cells < 0:
                 msg = f"{name} must be a whole number of patch cells >= 0 (0: the paper's head), got {cells!r}"
                 raise ValueError(msg)
+        if not isinstance(shared_covariance, bool):
+            msg = f"shared_covariance must be True or False, got {shared_covariance!r}"
+            raise ValueError(msg)
         self.epsilon = float(epsilon)
         self.neighbourhood = neighbourhood
         self.shift_tolerance = shift_tolerance
+        self.shared_covariance = shared_covariance
         self.register_buffer("mean", torch.empty(0))
         self.register_buffer("basis", torch.empty(0))
         self.register_buffer("variances", torch.empty(0))
         self.register_buffer("count", torch.tensor(0))
+        if shared_covariance:  # only then: the paper head's state (and every earlier checkpoint) keeps its keys
+            for name in self.SHARED_BUFFERS:
+                self.register_buffer(name, torch.empty(0))
         self.mean: torch.Tensor
         self.basis: torch.Tensor
         self.variances: torch.Tensor
         self.count: torch.Tensor
+        self.whitening: torch.Tensor
+        self.shared_mean: torch.Tensor
+        self.shared_covariance_matrix: torch.Tensor
         self._moments: _Moments | None = None
+        self._shared: _Moments | None = None  # all positions' patches as one group, with shared_covariance
 
     # ----------------------------------------------------------------- fitting
     @property
@@ -252,17 +290,23 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         ``sqrt(λ(N - 1)) u`` have the fitted scatter), so a later :meth:`fit` gives the
         Gaussians of one fit on the earlier and the new images together.
         """
-        self._moments = None
+        self._moments = self._shared = None
         if continue_from_fit and self.is_fitted:
             count = int(self.count)
             rows = (self.basis.double() * (self.variances.double() * (count - 1)).sqrt().unsqueeze(1)).mT
             self._moments = _Moments.of_rows(count, self.mean.double(), rows)
+            if self.shared_covariance:  # back from the whitened space, and the shared group's moments
+                self._moments.transform_(torch.linalg.inv(self.whitening.double()))
+                shared_count = count // self.samples_per_image * self.mean.shape[0]
+                scatter = self.shared_covariance_matrix.double() * max(shared_count - 1, 1)
+                self._shared = _Moments(self.shared_mean.double().unsqueeze(0), shared_count, matrix=scatter[None])
 
     @torch.no_grad()
     def update(self, embedding: torch.Tensor) -> None:
         """Add a batch of embeddings (B, D, H, W) to the running statistics."""
         if embedding.shape[0] == 0:
             return
+        patches = embedding.permute(0, 2, 3, 1).reshape(1, -1, embedding.shape[1])  # all positions as one group
         if self.neighbourhood:
             embedding = torch.cat([shifted(embedding, *move) for move in offsets(self.neighbourhood)])
         samples = _positions_first(embedding)
@@ -277,8 +321,12 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
             )
             raise ValueError(msg)
         self._moments.add(samples)
+        if self.shared_covariance:
+            if self._shared is None:
+                self._shared = _Moments(patches.new_zeros(1, patches.shape[2], dtype=torch.float64))
+            self._shared.add(patches)
 
-    def _merge_across_processes(self) -> _Moments | None:
+    def _merge_across_processes(self, moments: _Moments | None) -> _Moments | None:
         """The moments of all distributed processes (DDP) together, on every process; None without samples.
 
         Every process gathers every other one's moments (``all_gather_object``, through
@@ -287,9 +335,9 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         DistributedSampler padding, e.g. 3 images on 4 processes) contributes nothing.
         """
         if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
-            return self._moments
+            return moments
         gathered: list[_Moments | None] = [None] * distributed.get_world_size()
-        distributed.all_gather_object(gathered, None if self._moments is None else self._moments.to("cpu"))
+        distributed.all_gather_object(gathered, None if moments is None else moments.to("cpu"))
         merged = None
         for group in filter(None, gathered):
             if merged is None:
@@ -306,12 +354,16 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         from no samples unless :meth:`reset_statistics` is asked to continue.
         """
         try:
-            moments = self._merge_across_processes()
+            moments = self._merge_across_processes(self._moments)
+            shared = self._merge_across_processes(self._shared) if self.shared_covariance else None
         finally:
-            self._moments = None
+            self._moments = self._shared = None
         if moments is None:
             msg = "fitting needs at least 1 training image, got none: add normal images to the training data"
             raise ValueError(msg)
+        if shared is not None:
+            self._fit_whitening(shared)
+            moments.transform_(self.whitening.double())
         count, dims = moments.count, moments.dims
         rank = min(count - 1, dims)
         directions, eigenvalues = moments.principal_directions(rank)
@@ -319,6 +371,20 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         self.basis = directions.float()
         self.variances = (eigenvalues / max(count - 1, 1)).float()
         self.count = torch.tensor(count, device=self.mean.device)
+
+    def _fit_whitening(self, shared: _Moments) -> None:
+        """``whitening = C^-½`` (symmetric) of the shrunk covariance ``C`` of all patches, and the raw moments."""
+        covariance = shared.scatter_matrix()[0] / max(shared.count - 1, 1)
+        mean_variance = covariance.diagonal().mean()
+        if not mean_variance > 0:
+            msg = "shared_covariance needs patches that vary, but every training patch is the same: add varied images"
+            raise ValueError(msg)
+        shrunk = (1 - self.SHARED_SHRINKAGE) * covariance
+        shrunk.diagonal().add_(self.SHARED_SHRINKAGE * mean_variance)
+        values, vectors = torch.linalg.eigh(shrunk)
+        self.whitening = ((vectors * values.rsqrt()) @ vectors.mT).float()
+        self.shared_mean = shared.mean[0].float()
+        self.shared_covariance_matrix = covariance.float()
 
     def refuse_inconsistent_state(self, state: Mapping[str, torch.Tensor], prefix: str, dims: int) -> None:
         """Raise ValueError naming the saved tensors (keys ``prefix`` + name) that do not fit together.
@@ -349,6 +415,10 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
                     )
             if variances.is_floating_point() and bool((variances < 0).any()):
                 problems.append(f"{prefix}variances holds {int((variances < 0).sum())} negative values")
+            for name in self.SHARED_BUFFERS if self.shared_covariance else ():
+                tensor, shape = state.get(prefix + name), (dims,) if name == "shared_mean" else (dims, dims)
+                if tensor is not None and tuple(tensor.shape) != shape:
+                    problems.append(f"{prefix}{name} has shape {tuple(tensor.shape)}, {dims} channels make it {shape}")
         if problems:
             msg = (
                 "the checkpoint's Gaussians do not fit together (the file was edited or assembled from several): "
@@ -375,6 +445,8 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         embedding is moved by ``-o`` so that each Gaussian sees the patch ``o`` away, and the
         distances are moved back; moves whose Gaussian lies outside the grid are left out.
         """
+        if self.shared_covariance:
+            embedding = F.conv2d(embedding, self.whitening[:, :, None, None])
         distances = self._distances(embedding)
         height, width = embedding.shape[-2:]
         for rows, columns in offsets(self.shift_tolerance)[1:]:

@@ -58,20 +58,22 @@ def _checked_image_size(image_size: Sequence[int] | None) -> tuple[int, int]:
     return size
 
 
-def _few_images_message(count: int, dims: int, epsilon: float, per_image: int) -> str:
+def _few_images_message(count: int, dims: int, epsilon: float, per_image: int, shared: bool) -> str:
     """What the scores mean when there are no more training samples per position than feature dimensions."""
+    regulariser = "epsilon times the covariance of all training patches" if shared else "epsilon*I"
+    measure = "Mahalanobis under that shared covariance" if shared else "Euclidean"
     if count == 1:
         return (
-            f"1 training image: the covariance is epsilon*I (epsilon={epsilon}), so the scores are Euclidean "
+            f"1 training image: the covariance is {regulariser} (epsilon={epsilon}), so the scores are {measure} "
             "distances to that image's features divided by sqrt(epsilon); they rank images, but normal variation "
-            "is not modelled. Add normal images for a Gaussian model."
+            "at each position is not modelled. Add normal images for a Gaussian model."
         )
     images = f"{count} training images"
     if per_image > 1:
         images = f"{count // per_image} training images ({count} patches per position with the neighbourhood)"
     return (
         f"{images} for {dims} feature dimensions: the Gaussians span only {count - 1} directions, "
-        f"and distances in the other {dims - count + 1} are Euclidean divided by sqrt(epsilon={epsilon}), "
+        f"and distances in the other {dims - count + 1} are {measure} divided by sqrt(epsilon={epsilon}), "
         "so epsilon strongly influences the scores. More training images, or n_features below the number of "
         "images, reduce this."
     )
@@ -93,9 +95,13 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         feature_seed: seed of that subset.
         epsilon: covariance regulariser ``εI``.
         sigma: anomaly-map smoothing in pixels.
-        neighbourhood, shift_tolerance: the Gaussian head's levers beyond the paper
+        neighbourhood, shift_tolerance, shared_covariance: the Gaussian head's levers beyond the paper
             (:class:`~anomalib_contnet.models.contnet_padim.gaussian.StreamingGaussian`); 0, the
-            paper's head, by default. ``configs/model/contnet_padim_best.yaml`` is the best head measured.
+            paper's head, by default (``False`` for ``shared_covariance``).
+            ``configs/model/contnet_padim_best.yaml`` is the best head measured.
+        patch_context: ``c``; each patch's embedding also holds the features of the patches within
+            ``c`` cells (concatenated, ``(2c + 1)²`` times the channels; border cells repeat), as
+            Patchcore's and MHPatchcore's 3x3 patches do. 0, the paper's embedding, by default.
         incremental: a fit adds its images to the fitted Gaussians instead of starting
             afresh: ``load_from_checkpoint(path, incremental=True)`` then ``Engine().fit``
             gives the Gaussians of one fit on the earlier and the new images together. Saved
@@ -126,6 +132,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         sigma: float = 4.0,
         neighbourhood: int = 0,
         shift_tolerance: int = 0,
+        shared_covariance: bool = False,
+        patch_context: int = 0,
         incremental: bool = False,
         image_size: tuple[int, int] | None = None,
         pre_processor: nn.Module | bool = True,
@@ -145,6 +153,8 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             sigma=sigma,
             neighbourhood=neighbourhood,
             shift_tolerance=shift_tolerance,
+            shared_covariance=shared_covariance,
+            patch_context=patch_context,
         )
         model.feature_extractor.refuse_input_size(size)
         if pre_processor is True:
@@ -262,7 +272,9 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
         if count <= dims and (self._trainer is None or self.trainer.is_global_zero):
             # Every fit says it, not only the first in a process (Python's default filter would stop a second
             # fit's warning at the same line), while the user's filters still apply: no registry.
-            message = _few_images_message(count, dims, gaussian.epsilon, gaussian.samples_per_image)
+            message = _few_images_message(
+                count, dims, gaussian.epsilon, gaussian.samples_per_image, gaussian.shared_covariance
+            )
             warnings.warn_explicit(message, UserWarning, __file__, inspect.currentframe().f_lineno)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:  # noqa: ARG002

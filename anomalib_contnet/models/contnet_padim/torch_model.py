@@ -24,6 +24,7 @@ from torch import nn
 from anomalib_contnet.models.contnet_padim.anomaly_map import AnomalyMapGenerator
 from anomalib_contnet.models.contnet_padim.feature_extractor import build_feature_extractor
 from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
+from anomalib_contnet.models.contnet_padim.neighbourhood import offsets, shifted
 
 __all__ = ["ConTNetPaDiMModel", "NonFiniteError", "NotFittedError"]
 
@@ -69,14 +70,20 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         sigma: float = 4.0,
         neighbourhood: int = 0,
         shift_tolerance: int = 0,
+        shared_covariance: bool = False,
+        patch_context: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(patch_context, bool) or not isinstance(patch_context, int) or patch_context < 0:
+            msg = f"patch_context must be a whole number of patch cells >= 0 (0: the paper's), got {patch_context!r}"
+            raise ValueError(msg)
+        self.patch_context = patch_context
         self._tiler: Tiler | None = None
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained, weights)
         total_features = sum(self.feature_extractor.out_channels.values())
         self.register_buffer("feature_index", self._choose_features(total_features, n_features, feature_seed))
         self.feature_index: torch.Tensor
-        self.gaussian = StreamingGaussian(epsilon, neighbourhood, shift_tolerance)
+        self.gaussian = StreamingGaussian(epsilon, neighbourhood, shift_tolerance, shared_covariance)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma)
 
     @staticmethod
@@ -102,7 +109,8 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
                 f"got shape {tuple(index.shape)} {index.dtype}: the file was edited; use it as saved, or refit"
             )
             raise ValueError(msg)
-        self.gaussian.refuse_inconsistent_state(state, f"{prefix}gaussian.", dims=index.numel())
+        dims = index.numel() * len(offsets(self.patch_context))
+        self.gaussian.refuse_inconsistent_state(state, f"{prefix}gaussian.", dims=dims)
 
     @property
     def tiler(self) -> Tiler | None:
@@ -151,10 +159,12 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         embedding = torch.cat(resized, dim=1)
         if self.feature_index.numel() != embedding.shape[1]:
             embedding = embedding.index_select(1, self.feature_index)
-        embedding = embedding.float()
-        if self.tiler is None:
-            return embedding, (int(images.shape[-2]), int(images.shape[-1]))
-        return self._untile(embedding, self.tiler, images.shape[-2:])
+        embedding, covered_size = embedding.float(), (int(images.shape[-2]), int(images.shape[-1]))
+        if self.tiler is not None:
+            embedding, covered_size = self._untile(embedding, self.tiler, images.shape[-2:])
+        if self.patch_context:  # after untiling, so that neighbours across tile borders are the image's
+            embedding = torch.cat([shifted(embedding, *move) for move in offsets(self.patch_context)], dim=1)
+        return embedding, covered_size
 
     @staticmethod
     def _untile(embedding: torch.Tensor, tiler: Tiler, image_size: torch.Size) -> tuple[torch.Tensor, tuple[int, int]]:
