@@ -5,13 +5,13 @@ under ``<out>/data/n<N>_s<seed>/<category>`` (so the cells are those of the few-
 runs, per draw, the real ``ConTNetPaDiM`` pipeline on the offline ImageNet EfficientNet-Lite0:
 its pre-processor, ``extract_embedding`` -> ``StreamingGaussian.update`` / ``fit``, and the
 torch model's forward, scored by the benchmark worker's own metrics. Lightning's loop is left
-out: it adds seconds per fit and nothing to the scores. Settings: the paper's head, the
-each lever alone on the paper's head, the preset (``contnet_padim_best``) and the preset with the lever it leaves out.
+out: it adds seconds per fit and nothing to the scores. Settings: the paper's head,
+each lever alone on the paper's head, the preset (``contnet_padim_best``) and the preset with a lever it leaves out.
 
 Run from the repository root after the few-shot benchmark (about 15 minutes on 1 core)::
 
     python benchmarks/gaussian_head.py --subsets results/few-shot/data --categories elpv_mono,brick,grass \
-        --counts 1,2,4,8,16,32,0 --seeds 0,1,2 --image-size 128 --threads 1
+        --counts 1,4,16,0 --seeds 0,1,2 --image-size 128 --threads 1
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ def settings() -> dict[str, dict]:
     paper, finer = {"layers": PAPER.layers}, {"layers": BEST.layers}
     return {
         "paper head": paper,
-        "finer grid (+ stride-8 stage)": finer,
+        "stages one octave finer (blocks.2+4)": finer,
         "shift_tolerance 1": paper | {"shift_tolerance": 1},
         "neighbourhood 1": paper | {"neighbourhood": 1},
+        "patch_context 1": paper | {"patch_context": 1},
+        "shared_covariance": paper | {"shared_covariance": True},
         "preset (contnet_padim_best)": finer | BEST.options,
-        "preset + neighbourhood 1": finer | BEST.options | {"neighbourhood": 1},
+        "preset + shift_tolerance 1": finer | BEST.options | {"shift_tolerance": 1},
     }
 
 

@@ -88,7 +88,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         ModelConfig("mhpatchcore", "efficientnet_lite0", ("blocks.2", "blocks.4")),
         ModelConfig("mhpatchcore", "contnet_b", ("layer2", "layer3")),
         # ConTNetPaDiM's best head (docs/benchmarks.md, "Gaussian head"): the pair of stages one octave finer than
-        # the paper's (MHPatchcore's: strides 8 and 16), 3x3 patch context and the shared covariance.
+        # the paper's (the stages MHPatchcore's configurations use), 3x3 patch context and the shared covariance.
         ModelConfig("contnet_padim", "efficientnet_lite0", ("blocks.2", "blocks.4"), BEST_HEAD, "best"),
         ModelConfig("contnet_padim", "contnet_b", ("layer2", "layer3"), BEST_HEAD, "best"),
     )
