@@ -235,7 +235,7 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
             measures every other direction, so ``C`` (estimated from ``N·P`` patches) makes those distances
             Mahalanobis instead of Euclidean. Computed as the paper's head on features whitened by ``C^-½``
             (one ``D x D`` product per patch); saved as ``whitening``, with ``shared_mean`` and
-            ``shared_covariance`` to continue a fit exactly.
+            ``shared_covariance_matrix`` (unshrunk) to continue a fit exactly.
     """
 
     SHARED_BUFFERS = ("whitening", "shared_mean", "shared_covariance_matrix")
