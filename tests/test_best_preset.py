@@ -59,7 +59,7 @@ def test_the_preset_head_separates_the_tiny_defects(fitted) -> None:
 def test_patch_context_concatenates_the_neighbouring_patches() -> None:
     """Each channel block is the plain embedding read one move away; the nine blocks are the nine moves.
 
-    Border cells repeat. Neighbours are gathered by index here, not by the package's shifting code.
+    Neighbours outside the grid are zeros. They are gathered by index here, not by the package's code.
     """
     images = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     plain = ConTNetPaDiM(backbone="contnet_ti", pre_trained=False, layers=PRESET["layers"]).model
@@ -70,7 +70,9 @@ def test_patch_context_concatenates_the_neighbouring_patches() -> None:
     rows, columns = torch.arange(height), torch.arange(width)
 
     def moved(di: int, dj: int) -> torch.Tensor:
-        return base[:, :, (rows + di).clamp(0, height - 1)][..., (columns + dj).clamp(0, width - 1)]
+        inside = ((rows + di >= 0) & (rows + di < height))[:, None] & ((columns + dj >= 0) & (columns + dj < width))
+        gathered = base[:, :, (rows + di).clamp(0, height - 1)][..., (columns + dj).clamp(0, width - 1)]
+        return gathered * inside
 
     moves = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]
     found = [

@@ -100,7 +100,7 @@ class ConTNetPaDiM(AtomicExportMixin, MemoryBankMixin, AnomalibModule):
             paper's head, by default (``False`` for ``shared_covariance``).
             ``configs/model/contnet_padim_best.yaml`` is the best head measured.
         patch_context: ``c``; each patch's embedding also holds the features of the patches within
-            ``c`` cells (concatenated, ``(2c + 1)²`` times the channels; border cells repeat), as
+            ``c`` cells (concatenated, ``(2c + 1)²`` times the channels; zeros beyond the border), as
             Patchcore's and MHPatchcore's 3x3 patches do. 0, the paper's embedding, by default.
         incremental: a fit adds its images to the fitted Gaussians instead of starting
             afresh: ``load_from_checkpoint(path, incremental=True)`` then ``Engine().fit``

@@ -24,7 +24,7 @@ from torch import nn
 from anomalib_contnet.models.contnet_padim.anomaly_map import AnomalyMapGenerator
 from anomalib_contnet.models.contnet_padim.feature_extractor import build_feature_extractor
 from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
-from anomalib_contnet.models.contnet_padim.neighbourhood import offsets, shifted
+from anomalib_contnet.models.contnet_padim.neighbourhood import offsets
 
 __all__ = ["ConTNetPaDiMModel", "NonFiniteError", "NotFittedError"]
 
@@ -163,8 +163,23 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         if self.tiler is not None:
             embedding, covered_size = self._untile(embedding, self.tiler, images.shape[-2:])
         if self.patch_context:  # after untiling, so that neighbours across tile borders are the image's
-            embedding = torch.cat([shifted(embedding, *move) for move in offsets(self.patch_context)], dim=1)
+            embedding = self._with_context(embedding, self.patch_context)
         return embedding, covered_size
+
+    @staticmethod
+    def _with_context(embedding: torch.Tensor, cells: int) -> torch.Tensor:
+        """(B, D, H, W) -> (B, (2c + 1)² D, H, W): each patch followed by its neighbours within ``c`` cells.
+
+        Neighbours outside the grid are zeros, as in Patchcore's and MHPatchcore's padded 3x3 patches: on brick
+        with one training image that scored defects far better than repeating the border cells (docs/benchmarks.md,
+        "Gaussian head"). Padding and slicing only, so every export keeps it.
+        """
+        height, width = embedding.shape[-2:]
+        padded = F.pad(embedding, (cells,) * 4)
+        moves = offsets(cells)
+        return torch.cat(
+            [padded[..., cells + r : cells + r + height, cells + c : cells + c + width] for r, c in moves], 1
+        )
 
     @staticmethod
     def _untile(embedding: torch.Tensor, tiler: Tiler, image_size: torch.Size) -> tuple[torch.Tensor, tuple[int, int]]:
