@@ -87,7 +87,8 @@ def test_stock_cli_trains_and_tests_with_the_anomalib_1x_data_name(tiny_mvtec, t
     [
         ((), 1),
         (("--model.neighbourhood", "1", "--model.shift_tolerance", "1"), 9),
-        (("--model.shared_covariance", "true", "--model.patch_context", "1"), 1),
+        # 16 channels: the context's 9 x 16 dimensions keep the dense covariances compared below small
+        (("--model.shared_covariance", "true", "--model.patch_context", "1", "--model.n_features", "16"), 1),
     ],
     ids=["paper head", "neighbourhood and shift tolerance", "shared covariance and patch context"],
 )
