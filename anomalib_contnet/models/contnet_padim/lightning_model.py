@@ -61,7 +61,7 @@ def _checked_image_size(image_size: Sequence[int] | None) -> tuple[int, int]:
 def _few_images_message(count: int, dims: int, epsilon: float, per_image: int, shared: bool) -> str:
     """What the scores mean when there are no more training samples per position than feature dimensions."""
     regulariser = "epsilon times the covariance of all training patches" if shared else "epsilon*I"
-    measure = "Mahalanobis under that shared covariance" if shared else "Euclidean"
+    measure = "Mahalanobis (under that covariance)" if shared else "Euclidean"
     if count == 1:
         return (
             f"1 training image: the covariance is {regulariser} (epsilon={epsilon}), so the scores are {measure} "
