@@ -38,7 +38,7 @@ from anomalib.models.components import DynamicBufferMixin
 from torch import distributed, nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_contnet.models.contnet_padim.neighbourhood import inside, offsets, shifted
+from anomalib_contnet.models.contnet_padim.neighbourhood import inside, offsets, refuse_bad_cells, shifted
 
 __all__ = ["StreamingGaussian"]
 
@@ -217,8 +217,8 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
     Saved state: ``mean`` (P, D), ``basis`` (P, D, K) and ``variances`` (P, K) with
     ``K = min(N - 1, D)``, and ``count`` (N, needed to continue a fit exactly).
 
-    The defaults are the paper's head. Two levers go beyond it (docs/benchmarks.md, "Gaussian head",
-    measures each); with both at 0 every number is the paper head's, bit for bit.
+    The defaults are the paper's head. Three levers go beyond it (docs/benchmarks.md, "Gaussian head",
+    measures each); with all of them off every number is the paper head's, bit for bit.
 
     Args:
         epsilon: regulariser added to the covariance diagonal. With more feature
@@ -249,10 +249,8 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         if not 0 < epsilon < math.inf:
             msg = f"epsilon must be positive and finite (it makes the covariance invertible), got {epsilon}"
             raise ValueError(msg)
-        for name, cells in (("neighbourhood", neighbourhood), ("shift_tolerance", shift_tolerance)):
-            if isinstance(cells, bool) or not isinstance(cells, int) or cells < 0:
-                msg = f"{name} must be a whole number of patch cells >= 0 (0: the paper's head), got {cells!r}"
-                raise ValueError(msg)
+        refuse_bad_cells("neighbourhood", neighbourhood)
+        refuse_bad_cells("shift_tolerance", shift_tolerance)
         if not isinstance(shared_covariance, bool):
             msg = f"shared_covariance must be True or False, got {shared_covariance!r}"
             raise ValueError(msg)
@@ -306,7 +304,7 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
         """Add a batch of embeddings (B, D, H, W) to the running statistics."""
         if embedding.shape[0] == 0:
             return
-        patches = embedding.permute(0, 2, 3, 1).reshape(1, -1, embedding.shape[1])  # all positions as one group
+        own_patches = embedding  # before the neighbourhood's copies: the shared group counts each patch once
         if self.neighbourhood:
             embedding = torch.cat([shifted(embedding, *move) for move in offsets(self.neighbourhood)])
         samples = _positions_first(embedding)
@@ -322,6 +320,7 @@ class StreamingGaussian(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
         self._moments.add(samples)
         if self.shared_covariance:
+            patches = own_patches.permute(0, 2, 3, 1).reshape(1, -1, own_patches.shape[1])  # all positions, one group
             if self._shared is None:
                 self._shared = _Moments(patches.new_zeros(1, patches.shape[2], dtype=torch.float64))
             self._shared.add(patches)

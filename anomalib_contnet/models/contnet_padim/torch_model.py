@@ -24,7 +24,7 @@ from torch import nn
 from anomalib_contnet.models.contnet_padim.anomaly_map import AnomalyMapGenerator
 from anomalib_contnet.models.contnet_padim.feature_extractor import build_feature_extractor
 from anomalib_contnet.models.contnet_padim.gaussian import StreamingGaussian
-from anomalib_contnet.models.contnet_padim.neighbourhood import offsets
+from anomalib_contnet.models.contnet_padim.neighbourhood import offsets, refuse_bad_cells, shifted
 
 __all__ = ["ConTNetPaDiMModel", "NonFiniteError", "NotFittedError"]
 
@@ -74,9 +74,7 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         patch_context: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(patch_context, bool) or not isinstance(patch_context, int) or patch_context < 0:
-            msg = f"patch_context must be a whole number of patch cells >= 0 (0: the paper's), got {patch_context!r}"
-            raise ValueError(msg)
+        refuse_bad_cells("patch_context", patch_context)
         self.patch_context = patch_context
         self._tiler: Tiler | None = None
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained, weights)
@@ -163,23 +161,11 @@ class ConTNetPaDiMModel(DynamicBufferMixin, nn.Module):
         if self.tiler is not None:
             embedding, covered_size = self._untile(embedding, self.tiler, images.shape[-2:])
         if self.patch_context:  # after untiling, so that neighbours across tile borders are the image's
-            embedding = self._with_context(embedding, self.patch_context)
+            # Zeros beyond the border, as in Patchcore's and MHPatchcore's padded 3x3 patches: on brick with one
+            # training image they scored defects far better than repeated border cells (docs/benchmarks.md).
+            moves = offsets(self.patch_context)
+            embedding = torch.cat([shifted(embedding, *move, zeros=True) for move in moves], dim=1)
         return embedding, covered_size
-
-    @staticmethod
-    def _with_context(embedding: torch.Tensor, cells: int) -> torch.Tensor:
-        """(B, D, H, W) -> (B, (2c + 1)² D, H, W): each patch followed by its neighbours within ``c`` cells.
-
-        Neighbours outside the grid are zeros, as in Patchcore's and MHPatchcore's padded 3x3 patches: on brick
-        with one training image that scored defects far better than repeating the border cells (docs/benchmarks.md,
-        "Gaussian head"). Padding and slicing only, so every export keeps it.
-        """
-        height, width = embedding.shape[-2:]
-        padded = F.pad(embedding, (cells,) * 4)
-        moves = offsets(cells)
-        return torch.cat(
-            [padded[..., cells + r : cells + r + height, cells + c : cells + c + width] for r, c in moves], 1
-        )
 
     @staticmethod
     def _untile(embedding: torch.Tensor, tiler: Tiler, image_size: torch.Size) -> tuple[torch.Tensor, tuple[int, int]]:
